@@ -14,6 +14,7 @@
 //! - [`candidate`]: scores a main response under the candidate (forced / chunked / chat)
 //!   into an [`record::AlignedRecord`].
 //! - [`plugins`]: the wasmtime host that hands records to the Wasm comparators over WIT.
+//! - [`service`]: assembles the stages, runs them, reloads plugins, shuts down in order.
 //! - [`record`]: the types passed between the stages.
 //! - [`upstream`]: the HTTP client used to reach the target and the candidate.
 //! - [`eval`]: `kl-proxy eval`: drives a prompt set through the proxy and waits for the results.
@@ -29,6 +30,8 @@ pub mod plugins;
 pub mod proxy;
 pub mod queue;
 pub mod record;
+pub mod service;
 pub mod upstream;
 
 pub use proxy::{serve, Proxy};
+pub use service::Service;

@@ -1,2 +1,358 @@
-//! (being written)
-pub struct Proxy; pub async fn serve() {}
+//! The request path. [`Proxy::handle`] forwards every request to the target: method, path,
+//! query, headers (less hop-by-hop ones; `Host` becomes the target's) and body, streamed
+//! both ways. A `POST` to a scored endpoint is the one exception to pure streaming: its JSON
+//! body is read whole (bounded by `max_body_bytes`) so that `n_probs` can be set, and its
+//! response goes through the [`TeeBody`] that captures the main model's tokens.
+//! [`serve`] runs the accept loop with graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{Map, Value};
+use tokio::net::TcpListener;
+
+use crate::capture::{BodyKind, Capture, TeeBody};
+use crate::config::Config;
+use crate::inject::{self, ResponseEdit};
+use crate::queue::ComparisonQueue;
+use crate::record::Endpoint;
+
+/// Errors a body may carry on its way through.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of everything the proxy sends, both ways.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The forwarding proxy: shared by every connection.
+pub struct Proxy {
+    config: Arc<Config>,
+    /// Pooled keep-alive connections to the target.
+    client: Client<HttpConnector, ProxyBody>,
+    /// `Host` header value for the target.
+    target_host_header: HeaderValue,
+    /// Where captured responses go (`None`: nothing is compared).
+    queue: Option<ComparisonQueue>,
+}
+
+impl Proxy {
+    pub fn new(config: Arc<Config>, queue: Option<ComparisonQueue>) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        let authority = config
+            .target_host
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let target_host_header =
+            HeaderValue::from_str(&authority).unwrap_or(HeaderValue::from_static("localhost"));
+        Proxy {
+            config,
+            client,
+            target_host_header,
+            queue,
+        }
+    }
+
+    /// Handles one request; never fails (errors become OpenAI-shaped JSON answers).
+    pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+        let endpoint = (req.method() == Method::POST)
+            .then(|| Endpoint::from_path(req.uri().path()))
+            .flatten();
+        // Requests not sampled are forwarded as they are, without `n_probs`.
+        let sampled = endpoint.is_some()
+            && self.queue.is_some()
+            && (self.config.sample_rate >= 1.0 || rand::random::<f64>() < self.config.sample_rate);
+        let response = match endpoint {
+            Some(endpoint) if sampled => self.forward_scored(endpoint, req).await,
+            _ => self.forward(req.map(|b| b.map_err(BoxError::from).boxed_unsync())).await,
+        };
+        Ok(response.unwrap_or_else(|e| e.into_response()))
+    }
+
+    /// Plain forwarding: the body streams through untouched.
+    async fn forward(&self, req: Request<ProxyBody>) -> Result<Response<ProxyBody>, ProxyError> {
+        let resp = self.send(req).await?;
+        Ok(passthrough_response(resp))
+    }
+
+    /// Sends a request to the target, with the target's URI and `Host` and hop-by-hop
+    /// headers removed.
+    async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        parts.uri = self.target_uri(&parts.uri)?;
+        remove_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::HOST, self.target_host_header.clone());
+        parts.version = http::Version::HTTP_11;
+        let fut = self.client.request(Request::from_parts(parts, body));
+        let result = match self.config.target_timeout {
+            Some(t) => tokio::time::timeout(t, fut)
+                .await
+                .map_err(|_| ProxyError::TargetTimeout(t))?,
+            None => fut.await,
+        };
+        result.map_err(|e| ProxyError::TargetUnreachable(error_chain(&e)))
+    }
+
+    fn target_uri(&self, uri: &Uri) -> Result<Uri, ProxyError> {
+        let base = &self.config.target_host;
+        let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let prefix = base.path().trim_end_matches('/');
+        format!(
+            "{}://{}{}{}",
+            base.scheme_str().unwrap_or("http"),
+            base.authority().map_or("", |a| a.as_str()),
+            prefix,
+            pq
+        )
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("request URI cannot be forwarded".into()))
+    }
+
+    /// A `POST` to a scored endpoint: read the JSON body, inject `n_probs`, capture the answer.
+    async fn forward_scored(
+        &self,
+        endpoint: Endpoint,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let limit = self.config.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ProxyError::BodyTooLarge(limit));
+        }
+        let (mut parts, body) = req.into_parts();
+        let bytes = match Limited::new(body, limit as usize).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(ProxyError::BodyTooLarge(limit))
+            }
+            Err(e) => return Err(ProxyError::BadRequest(format!("reading the body: {e}"))),
+        };
+        let Ok(obj) = serde_json::from_slice::<Map<String, Value>>(&bytes) else {
+            // Not a JSON object: the target answers it; nothing is captured.
+            let body = Full::new(bytes).map_err(|e| match e {}).boxed_unsync();
+            return self.forward(Request::from_parts(parts, body)).await;
+        };
+        let original_request = Value::Object(obj.clone());
+        let prepared = inject::prepare(
+            endpoint,
+            obj,
+            self.config.n_probs,
+            self.config.strip_logprobs,
+        );
+        let new_body = serde_json::to_vec(&prepared.body)
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        parts.headers.insert(
+            header::CONTENT_LENGTH,
+            HeaderValue::from(new_body.len() as u64),
+        );
+        // The answer is read by the capture, so it must not be compressed.
+        parts.headers.remove(header::ACCEPT_ENCODING);
+        let body = Full::new(Bytes::from(new_body))
+            .map_err(|e| match e {})
+            .boxed_unsync();
+        let resp = self.send(Request::from_parts(parts, body)).await?;
+
+        let kind = match content_type(resp.headers()) {
+            Some(ct) if ct.starts_with("text/event-stream") => Some(BodyKind::Sse),
+            Some(ct) if ct.starts_with("application/json") => Some(BodyKind::Json),
+            _ => None,
+        };
+        let Some(kind) = kind.filter(|_| resp.status().is_success()) else {
+            return Ok(passthrough_response(resp));
+        };
+        let capture = match &self.queue {
+            Some(q) => {
+                let mut request = original_request;
+                if let Value::Object(o) = &mut request {
+                    // The candidate should see what the target saw.
+                    o.insert("n_probs".into(), Value::from(self.config.n_probs));
+                }
+                Some((
+                    Capture::new(
+                        endpoint,
+                        request,
+                        kind == BodyKind::Sse,
+                        self.config.max_capture_tokens,
+                    ),
+                    q.clone(),
+                ))
+            }
+            None => None,
+        };
+        let edit = prepared.edit;
+        let (mut parts, body) = resp.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        if edit != ResponseEdit::None {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        let body = TeeBody::new(body, kind, endpoint, edit, capture)
+            .map_err(BoxError::from)
+            .boxed_unsync();
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+fn content_type(h: &HeaderMap) -> Option<&str> {
+    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+}
+
+fn passthrough_response(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+}
+
+/// Removes the headers that belong to one connection, not to the message (RFC 9110 7.6.1).
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Why the proxy answered instead of the target.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("the target model server could not be reached: {0}")]
+    TargetUnreachable(String),
+    #[error("the target model server did not answer within {0:?}")]
+    TargetTimeout(Duration),
+    #[error("request body larger than the proxy's limit of {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    /// The error as an OpenAI-shaped JSON answer.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (status, kind, code) = match &self {
+            ProxyError::TargetUnreachable(_) => {
+                (StatusCode::BAD_GATEWAY, "proxy_error", "target_unreachable")
+            }
+            ProxyError::TargetTimeout(_) => {
+                (StatusCode::GATEWAY_TIMEOUT, "proxy_error", "target_timeout")
+            }
+            ProxyError::BodyTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body_too_large",
+            ),
+            ProxyError::BadRequest(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", "bad_request")
+            }
+        };
+        tracing::warn!(code, "{self}");
+        json_error(status, kind, code, &self.to_string())
+    }
+}
+
+/// An OpenAI-shaped error answer: `{"error": {"message", "type", "code"}}`.
+pub fn json_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "code": code}});
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Accepts connections on `listener` and serves them with `proxy` until `shutdown`
+/// completes; then stops accepting and waits for open connections to finish their
+/// requests.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { proxy.handle(req).await }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}

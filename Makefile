@@ -1,0 +1,38 @@
+# kl-proxy: every entry point a user or CI needs. Each target installs what it needs.
+#   make setup   llama.cpp binaries, the SmolLM2 models, the wasm target (cached outside the repo)
+#   make plugins the comparator plugins (WebAssembly components) into plugins/dist/
+#   make build   the kl-proxy binary (release)
+#   make test    every test, against real llama-servers
+#   make demo    two llama-servers, the proxy, the bundled prompts, the summary
+#   make lint    rustfmt and clippy, warnings as errors
+
+KLPROXY_CACHE ?= $(HOME)/.cache/kl-proxy
+export KLPROXY_CACHE
+CARGO ?= cargo
+
+.PHONY: all setup plugins build test lint demo bench clean
+
+all: build plugins
+
+setup:
+	@bash scripts/setup.sh
+
+plugins: setup
+	@$(MAKE) --no-print-directory -C plugins
+
+build:
+	$(CARGO) build --release -p kl-proxy
+
+test: setup plugins
+	$(CARGO) test --workspace --all-targets -- --test-threads=2
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+demo: setup plugins build
+	@bash scripts/demo.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf plugins/target plugins/dist

@@ -1,0 +1,111 @@
+//! The `forced` strategy: the main's tokens are forced on the candidate with a GBNF grammar of
+//! token ids (`root ::= <[id]> <[id]> ...`) in one `/completion` request per run of at most
+//! `FORCED_MAX_TOKENS` tokens, so every position is decoded exactly once, in the main's
+//! context. llama-server reports the raw (pre-grammar) distribution and the forced token's own
+//! logprob over the full vocabulary. Should the candidate ever emit something else, the
+//! positions before that are kept and [`chunked`](super::chunked) takes over from there.
+
+use super::{answer::Completion, chunked, CandidateScorer, ScoreError, Slot, Work, FORCED_MAX_TOKENS};
+use crate::record::TopLogprob;
+
+/// A grammar that accepts exactly `ids`, in order.
+pub(crate) fn grammar(ids: &[i32]) -> String {
+    let mut g = String::with_capacity(10 + ids.len() * 10);
+    g.push_str("root ::=");
+    for id in ids {
+        g.push_str(&format!(" <[{id}]>"));
+    }
+    g
+}
+
+/// Scores every position of `work`, starting with forced requests.
+pub(crate) async fn run(
+    scorer: &CandidateScorer,
+    work: &mut Work<'_>,
+    prompt: &[i32],
+) -> Result<(), ScoreError> {
+    let n = work.len();
+    let mut start = 0;
+    while start < n {
+        let end = n.min(start + FORCED_MAX_TOKENS);
+        let mut context = Vec::with_capacity(prompt.len() + start);
+        context.extend_from_slice(prompt);
+        context.extend_from_slice(&work.ids[..start]);
+        let g = grammar(&work.ids[start..end]);
+        let answer = match scorer
+            .complete(&context, end - start, scorer.n_probs, Some(&g))
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => return work.stop_or_fail(e, start),
+        };
+        let request = work.count_request(answer.tokens_predicted);
+        if answer.tokens_evaluated != context.len() as u64 {
+            return work.stop_or_fail(
+                ScoreError::BadAnswer(format!(
+                    "the candidate evaluated {} prompt tokens where {} were sent (context too small?)",
+                    answer.tokens_evaluated,
+                    context.len()
+                )),
+                start,
+            );
+        }
+        let matched = take_forced(work, &answer, start, end, request)?;
+        if start + matched < end {
+            tracing::debug!(
+                position = start + matched,
+                "forced decoding diverged from the main's tokens; continuing chunked"
+            );
+            return chunked::run(scorer, work, prompt, start + matched).await;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+/// Records the leading positions of `answer` whose token is the main's; returns how many.
+fn take_forced(
+    work: &mut Work<'_>,
+    answer: &Completion,
+    start: usize,
+    end: usize,
+    request: u32,
+) -> Result<usize, ScoreError> {
+    let mut matched = 0;
+    for (k, step) in answer.steps.iter().take(end - start).enumerate() {
+        let pos = start + k;
+        if step.id != work.ids[pos] {
+            break;
+        }
+        work.check_same_token(pos, step)?;
+        for t in &step.top {
+            work.note_text(t.id, &t.text);
+        }
+        work.slots[pos] = Some(Slot {
+            candidate: Some(step.logprob),
+            top: step
+                .top
+                .iter()
+                .map(|t| TopLogprob {
+                    id: t.id,
+                    logprob: t.logprob,
+                })
+                .collect(),
+            // The grammar made it emit the main's token: what it would have picked is its argmax.
+            pick: step.top.first().map(|t| t.id),
+            request,
+            aligned: true,
+        });
+        work.by_forced += 1;
+        matched += 1;
+    }
+    Ok(matched)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grammar_lists_the_ids() {
+        assert_eq!(super::grammar(&[788, 2]), "root ::= <[788]> <[2]>");
+    }
+}

@@ -1,0 +1,334 @@
+//! The forwarding proxy against a real llama-server: plain forwarding, `n_probs` injection,
+//! logprob stripping, streaming, the capture of the main response, and its errors.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{free_port, model, LlamaServer};
+use kl_proxy::config::Config;
+use kl_proxy::queue::ComparisonOutcome;
+use kl_proxy::Service;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+/// A proxy in front of `target`, comparing against a candidate that is down (so every
+/// outcome carries the capture and a `candidate_down` failure), unless `extra` says otherwise.
+async fn start_proxy(target: &str, extra: &str) -> Service {
+    let yaml = format!(
+        "target_host: {target}\ncandidate_host: http://127.0.0.1:{}\ncandidate_timeout: 2s\n{extra}",
+        free_port()
+    );
+    let config = Config::from_yaml(&yaml, None).expect("config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Service::start(config, listener).await.expect("service starts")
+}
+
+async fn next_outcome(
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<ComparisonOutcome>>,
+) -> Arc<ComparisonOutcome> {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("an outcome within 30 s")
+        .expect("outcome channel open")
+}
+
+fn chat(extra: Value) -> Value {
+    let mut body = json!({
+        "messages": [{"role": "user", "content": "Name three colours, briefly."}],
+        "max_tokens": 24,
+        "temperature": 0.0,
+        "seed": 7,
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_endpoints_are_forwarded_unchanged() {
+    let main = LlamaServer::start(model("q4_1"));
+    let proxy = start_proxy(&main.url(), "").await;
+    let http = reqwest::Client::new();
+    for path in ["/health", "/props", "/v1/models"] {
+        let direct = http.get(format!("{}{path}", main.url())).send().await.unwrap();
+        let via = http
+            .get(format!("http://{}{path}", proxy.addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(direct.status(), via.status(), "{path}");
+        assert_eq!(
+            direct.headers().get("content-type"),
+            via.headers().get("content-type"),
+            "{path}"
+        );
+        let (d, v) = (direct.bytes().await.unwrap(), via.bytes().await.unwrap());
+        if path == "/v1/models" {
+            // The only field that may differ between two calls is the creation time.
+            let strip = |b: &[u8]| {
+                let mut v: Value = serde_json::from_slice(b).unwrap();
+                for m in v["data"].as_array_mut().into_iter().flatten() {
+                    m.as_object_mut().unwrap().remove("created");
+                }
+                v
+            };
+            assert_eq!(strip(&d), strip(&v), "{path}");
+        } else {
+            assert_eq!(d, v, "{path} must be byte-equal");
+        }
+    }
+    // A query string and a 404 come back as the target sends them.
+    let via = http
+        .get(format!("http://{}/no-such-path?x=1", proxy.addr))
+        .send()
+        .await
+        .unwrap();
+    let direct = http
+        .get(format!("{}/no-such-path?x=1", main.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(via.status(), direct.status());
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_json_is_captured_and_stripped_for_a_client_that_did_not_ask() {
+    let main = LlamaServer::start(model("q4_1"));
+    let proxy = start_proxy(&main.url(), "").await;
+    let mut outcomes = proxy.subscribe().expect("comparisons on");
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", proxy.addr);
+
+    // 1. The client does not ask for logprobs: it gets none, the capture has them all.
+    let answer: Value = http.post(&url).json(&chat(json!({}))).send().await.unwrap().json().await.unwrap();
+    assert!(answer["choices"][0]["logprobs"].is_null(), "{answer}");
+    let content = answer["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let outcome = next_outcome(&mut outcomes).await;
+    let captured = &outcome.main;
+    assert_eq!(
+        captured.tokens.len() as u64,
+        answer["usage"]["completion_tokens"].as_u64().unwrap()
+            + u64::from(captured.finish_reason.as_deref() == Some("stop")),
+        "one entry per generated token (and the EOS entry when the answer stopped)"
+    );
+    assert_eq!(captured.prompt_tokens, answer["usage"]["prompt_tokens"].as_u64().map(|n| n as u32));
+    assert!(captured.tokens.iter().all(|t| t.top.len() == 10), "n_probs 10 injected");
+    let text: String = captured.tokens.iter().map(|t| t.text.as_str()).collect();
+    assert_eq!(text, content);
+    assert_eq!(outcome.record.as_ref().unwrap_err().reason, "candidate_down");
+
+    // 2. The client asks for 3: it gets 3 per token (the same greedy answer), with the ids
+    //    the capture holds; the capture still has 10.
+    let asked: Value = http
+        .post(&url)
+        .json(&chat(json!({"logprobs": true, "top_logprobs": 3})))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = asked["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert!(entries.iter().all(|e| e["top_logprobs"].as_array().unwrap().len() == 3));
+    let outcome = next_outcome(&mut outcomes).await;
+    let ids: Vec<i64> = entries.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    let captured: Vec<i64> = outcome.main.tokens.iter().map(|t| t.id as i64).collect();
+    assert_eq!(ids, captured);
+    assert!(outcome.main.tokens.iter().all(|t| t.top.len() == 10));
+    if outcome.main.finish_reason.as_deref() == Some("stop") {
+        let last = outcome.main.tokens.last().unwrap();
+        assert_eq!(last.text, "", "the EOS entry ends a stopped answer");
+    }
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eos_is_the_last_captured_token_of_a_stopped_answer() {
+    let main = LlamaServer::start(model("q4_1"));
+    let proxy = start_proxy(&main.url(), "").await;
+    let mut outcomes = proxy.subscribe().unwrap();
+    let body = json!({"messages": [{"role": "user", "content": "Reply with the single word: yes"}],
+        "max_tokens": 64, "temperature": 0.0});
+    let answer: Value = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", proxy.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
+    let outcome = next_outcome(&mut outcomes).await;
+    let last = outcome.main.tokens.last().unwrap();
+    assert_eq!(last.text, "");
+    assert_eq!(last.id, 2, "SmolLM2's <|im_end|>");
+    assert_eq!(outcome.main.finish_reason.as_deref(), Some("stop"));
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_arrive_chunk_by_chunk_and_are_captured_like_json() {
+    let main = LlamaServer::start(model("q4_1"));
+    let proxy = start_proxy(&main.url(), "").await;
+    let mut outcomes = proxy.subscribe().unwrap();
+    let http = reqwest::Client::new();
+    let body = chat(json!({"stream": true, "max_tokens": 48}));
+    let start = Instant::now();
+    let mut resp = http
+        .post(format!("http://{}/v1/chat/completions", proxy.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut first = None;
+    let mut chunks = 0;
+    let mut text = String::new();
+    while let Some(c) = resp.chunk().await.unwrap() {
+        first.get_or_insert(start.elapsed());
+        chunks += 1;
+        text.push_str(std::str::from_utf8(&c).unwrap());
+    }
+    let total = start.elapsed();
+    let first = first.unwrap();
+    assert!(chunks > 5, "{chunks} chunks: the stream was buffered");
+    assert!(
+        first < total / 2,
+        "first chunk at {first:?} of {total:?}: not streamed as it came"
+    );
+    assert!(!text.contains("top_logprobs"), "logprobs stripped from the stream");
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    let outcome = next_outcome(&mut outcomes).await;
+    assert!(outcome.main.streamed);
+    let streamed_text: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    let captured: String = outcome.main.tokens.iter().map(|t| t.text.as_str()).collect();
+    assert_eq!(captured, streamed_text);
+    assert!(outcome.main.tokens.iter().all(|t| t.top.len() == 10));
+    assert!(outcome.main.prompt_tokens.is_some(), "prompt length known from the stream");
+
+    // The same request not streamed gives the same capture.
+    let _: Value = http
+        .post(format!("http://{}/v1/chat/completions", proxy.addr))
+        .json(&chat(json!({"max_tokens": 48})))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let json_outcome = next_outcome(&mut outcomes).await;
+    let ids = |o: &ComparisonOutcome| o.main.tokens.iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(ids(&outcome), ids(&json_outcome));
+    assert_eq!(outcome.main.prompt_tokens, json_outcome.main.prompt_tokens);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_completion_endpoint_is_captured() {
+    let main = LlamaServer::start(model("q4_1"));
+    let proxy = start_proxy(&main.url(), "").await;
+    let mut outcomes = proxy.subscribe().unwrap();
+    let answer: Value = reqwest::Client::new()
+        .post(format!("http://{}/completion", proxy.addr))
+        .json(&json!({"prompt": "The capital of France is", "n_predict": 12, "temperature": 0.0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(answer.get("completion_probabilities").is_none(), "stripped");
+    let outcome = next_outcome(&mut outcomes).await;
+    assert_eq!(outcome.main.tokens.len(), 12);
+    let text: String = outcome.main.tokens.iter().map(|t| t.text.as_str()).collect();
+    assert_eq!(text, answer["content"].as_str().unwrap());
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_is_not_json_is_forwarded_and_not_captured() {
+    let main = LlamaServer::start(model("q4_1"));
+    let proxy = start_proxy(&main.url(), "max_body_bytes: 1KiB\n").await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/chat/completions", proxy.addr);
+    let direct = http
+        .post(format!("{}/v1/chat/completions", main.url()))
+        .body("not json {")
+        .send()
+        .await
+        .unwrap();
+    let via = http.post(&url).body("not json {").send().await.unwrap();
+    assert_eq!(via.status(), direct.status());
+    assert!(via.status().is_client_error());
+
+    let huge = "x".repeat(4096);
+    let resp = http
+        .post(&url)
+        .json(&json!({"messages": [{"role": "user", "content": huge}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "body_too_large");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stats = proxy.stats().unwrap();
+    assert_eq!(stats.offered.load(std::sync::atomic::Ordering::Acquire), 0);
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_down_gives_an_openai_shaped_502() {
+    let proxy = start_proxy(&format!("http://127.0.0.1:{}", free_port()), "").await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", proxy.addr))
+        .json(&chat(json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "target_unreachable");
+    assert_eq!(err["error"]["type"], "proxy_error");
+    assert!(err["error"]["message"].as_str().unwrap().contains("could not be reached"));
+    proxy.shutdown().await.unwrap();
+}
+
+#[test]
+fn a_broken_config_is_refused_naming_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("target_host: http://127.0.0.1:1\nn_probz: 5\n", "n_probz"),
+        ("target_host: http://127.0.0.1:1\nport: eighty\n", "port"),
+        ("target_host: localhost:8080\n", "target_host"),
+        ("candidate_host: http://127.0.0.1:1\n", "target_host"),
+        ("target_host: http://127.0.0.1:1\nqueue_capacity: -1\n", "queue_capacity"),
+    ];
+    for (i, (yaml, key)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("bad{i}.yaml"));
+        std::fs::write(&file, yaml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kl-proxy"))
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{yaml} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("bad{i}.yaml")) && err.contains(key),
+            "message for {yaml:?} should name the file and `{key}`: {err}"
+        );
+    }
+}
