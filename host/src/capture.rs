@@ -111,8 +111,16 @@ impl Capture {
         if let Some(n) = obj
             .get("usage")
             .and_then(|u| u.get("prompt_tokens"))
-            .and_then(Value::as_u64) {
+            .and_then(Value::as_u64)
+        {
             self.response.prompt_tokens = Some(n as u32);
+        } else if let Some(t) = obj.get("timings").filter(|_| self.response.prompt_tokens.is_none()) {
+            // A llama-server stream without `usage`: the prompt is what was evaluated now
+            // plus what came from the cache.
+            let n = |k: &str| t.get(k).and_then(Value::as_u64);
+            if let Some(evaluated) = n("prompt_n") {
+                self.response.prompt_tokens = Some((evaluated + n("cache_n").unwrap_or(0)) as u32);
+            }
         }
         match self.response.endpoint {
             Endpoint::Completion => {
