@@ -348,15 +348,22 @@ fn kl_record() -> AlignedRecord {
             ),
             unaligned,
         ],
-        &[(1, "a"), (2, "b"), (3, "c"), (4, "d"), (5, "e"), (6, "f"), (7, "g")],
+        &[
+            (1, "a"),
+            (2, "b"),
+            (3, "c"),
+            (4, "d"),
+            (5, "e"),
+            (6, "f"),
+            (7, "g"),
+        ],
     )
 }
 
 #[test]
 fn kl_divergence_matches_hand_computed_values() {
     let host = host();
-    let set =
-        PluginSet::load(&host, &[spec("kl", "kl-divergence.wasm", json!(null))]).unwrap();
+    let set = PluginSet::load(&host, &[spec("kl", "kl-divergence.wasm", json!(null))]).unwrap();
     let outcomes = set.compare(&kl_record());
     let m = ok(&outcomes[0]);
     let ln = f64::ln;
@@ -438,7 +445,9 @@ impl Lcg {
     /// A random distribution over `n` tokens, peaked like a language model's.
     fn distribution(&mut self, n: usize) -> Vec<f64> {
         let sharp = 1.0 + 6.0 * self.next();
-        let w: Vec<f64> = (0..n).map(|_| (sharp * self.next()).exp().powi(2)).collect();
+        let w: Vec<f64> = (0..n)
+            .map(|_| (sharp * self.next()).exp().powi(2))
+            .collect();
         let s: f64 = w.iter().sum();
         w.into_iter().map(|x| x / s).collect()
     }
@@ -460,8 +469,7 @@ fn top_k(dist: &[f64], k: usize) -> Vec<TopLogprob> {
 fn kl_lower_bound_is_never_negative_nor_above_the_true_kl() {
     const VOCAB: usize = 20;
     let host = host();
-    let set =
-        PluginSet::load(&host, &[spec("kl", "kl-divergence.wasm", json!(null))]).unwrap();
+    let set = PluginSet::load(&host, &[spec("kl", "kl-divergence.wasm", json!(null))]).unwrap();
     let mut rng = Lcg(7);
     for k in [1, 3, 5, VOCAB] {
         let mut positions = Vec::new();
@@ -471,7 +479,11 @@ fn kl_lower_bound_is_never_negative_nor_above_the_true_kl() {
             // Half the positions: Q close to P; the others unrelated.
             let q = if i % 2 == 0 {
                 let noise = rng.distribution(VOCAB);
-                let mixed: Vec<f64> = p.iter().zip(&noise).map(|(a, b)| 0.9 * a + 0.1 * b).collect();
+                let mixed: Vec<f64> = p
+                    .iter()
+                    .zip(&noise)
+                    .map(|(a, b)| 0.9 * a + 0.1 * b)
+                    .collect();
                 mixed
             } else {
                 rng.distribution(VOCAB)
@@ -505,7 +517,10 @@ fn kl_lower_bound_is_never_negative_nor_above_the_true_kl() {
                 "top-{k}, position {i}: bound {lb} above the true KL {kl}"
             );
             if k == VOCAB {
-                assert!((lb - kl).abs() < 1e-4, "full vocabulary, position {i}: {lb} vs {kl}");
+                assert!(
+                    (lb - kl).abs() < 1e-4,
+                    "full vocabulary, position {i}: {lb} vs {kl}"
+                );
             }
         }
     }
@@ -517,8 +532,7 @@ fn kl_lower_bound_is_never_negative_nor_above_the_true_kl() {
 #[test]
 fn python_plugin_returns_top_overlap() {
     let host = host();
-    let set =
-        PluginSet::load(&host, &[spec("overlap", "top-overlap.wasm", json!(null))]).unwrap();
+    let set = PluginSet::load(&host, &[spec("overlap", "top-overlap.wasm", json!(null))]).unwrap();
     let mut unaligned = aligned(1, tl(1, 0.5), vec![tl(1, 0.5)], None, vec![], None, 1);
     unaligned.status = PositionStatus::Unaligned;
     let rec = record(
@@ -574,7 +588,10 @@ fn failing_plugins_are_contained_and_replaced() {
     assert_eq!(outcomes.len(), 4);
     match &outcomes[0].result {
         Err(PluginFailure::Trap(why)) => {
-            assert!(why.contains("unreachable") || why.contains("panicked"), "{why}")
+            assert!(
+                why.contains("unreachable") || why.contains("panicked"),
+                "{why}"
+            )
         }
         other => panic!("trap: {other:?}"),
     }
@@ -587,7 +604,10 @@ fn failing_plugins_are_contained_and_replaced() {
         outcomes[1].elapsed
     );
     assert_eq!(outcomes[2].result, Err(PluginFailure::OutOfMemory));
-    assert_eq!(outcomes[2].result.as_ref().unwrap_err().reason(), "out_of_memory");
+    assert_eq!(
+        outcomes[2].result.as_ref().unwrap_err().reason(),
+        "out_of_memory"
+    );
     assert_eq!(series(ok(&outcomes[3]), "kld").len(), 4);
     assert!(took < Duration::from_secs(5), "the set took {took:?}");
 
@@ -612,7 +632,10 @@ fn failing_plugins_are_contained_and_replaced() {
 fn check_names_the_world_or_why_not() {
     let said = check(&dist("kl-divergence.wasm")).expect("kl-divergence is a comparator");
     println!("{said}");
-    assert!(said.contains("kl-proxy:comparator/comparator@0.1.0"), "{said}");
+    assert!(
+        said.contains("kl-proxy:comparator/comparator@0.1.0"),
+        "{said}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let core = dir.path().join("core.wasm");
@@ -620,7 +643,9 @@ fn check_names_the_world_or_why_not() {
     std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
     let err = check(&core).unwrap_err().to_string();
     assert!(
-        err.contains("core.wasm") && err.contains("not a WebAssembly component") && err.contains("core WebAssembly module"),
+        err.contains("core.wasm")
+            && err.contains("not a WebAssembly component")
+            && err.contains("core WebAssembly module"),
         "{err}"
     );
 
@@ -641,9 +666,14 @@ fn a_broken_plugin_path_fails_load_naming_the_plugin() {
             options: json!(null),
         },
     ];
-    let err = PluginSet::load(&host, &specs).err().expect("load fails").to_string();
+    let err = PluginSet::load(&host, &specs)
+        .err()
+        .expect("load fails")
+        .to_string();
     assert!(
-        err.contains("`broken`") && err.contains("/nonexistent/broken.wasm") && err.contains("not found"),
+        err.contains("`broken`")
+            && err.contains("/nonexistent/broken.wasm")
+            && err.contains("not found"),
         "{err}"
     );
 }
@@ -656,8 +686,7 @@ fn a_broken_plugin_path_fails_load_naming_the_plugin() {
 #[test]
 fn kl_divergence_cost_per_1000_positions() {
     let host = host_with(Duration::from_secs(5), 64 << 20);
-    let set =
-        PluginSet::load(&host, &[spec("kl", "kl-divergence.wasm", json!(null))]).unwrap();
+    let set = PluginSet::load(&host, &[spec("kl", "kl-divergence.wasm", json!(null))]).unwrap();
     let mut rng = Lcg(11);
     let positions: Vec<AlignedPosition> = (0..1000u32)
         .map(|i| {
@@ -686,5 +715,8 @@ fn kl_divergence_cost_per_1000_positions() {
          (the rest: converting the record)",
         in_plugin / runs
     );
-    assert!(per_call < Duration::from_millis(200), "{per_call:?} per call");
+    assert!(
+        per_call < Duration::from_millis(200),
+        "{per_call:?} per call"
+    );
 }

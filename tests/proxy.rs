@@ -332,3 +332,79 @@ fn a_broken_config_is_refused_naming_the_file_and_the_key() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_frees_the_target_and_is_not_compared() {
+    let main = LlamaServer::start(model("q4_1"));
+    let proxy = start_proxy(&main.url(), "").await;
+    let http = reqwest::Client::new();
+    let body = json!({"messages": [{"role": "user", "content": "Count from 1 to 1000, one number per line."}],
+        "max_tokens": 1500, "stream": true, "temperature": 0.0});
+    let mut resp = http
+        .post(format!("http://{}/v1/chat/completions", proxy.addr))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        resp.chunk().await.unwrap().expect("a first chunk");
+    }
+    let busy = |v: &Value| v.as_array().unwrap().iter().any(|s| s["is_processing"] == true);
+    let slots: Value = http.get(format!("{}/slots", main.url())).send().await.unwrap().json().await.unwrap();
+    assert!(busy(&slots), "the target is generating: {slots}");
+    drop(resp);
+    let hung_up = Instant::now();
+    loop {
+        let slots: Value = http.get(format!("{}/slots", main.url())).send().await.unwrap().json().await.unwrap();
+        if !busy(&slots) {
+            break;
+        }
+        assert!(
+            hung_up.elapsed() < Duration::from_secs(5),
+            "the target kept generating after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("target slot freed {:?} after the client hung up", hung_up.elapsed());
+    let stats = proxy.stats().unwrap();
+    assert_eq!(stats.offered.load(std::sync::atomic::Ordering::Acquire), 0, "no comparison of a partial answer");
+    proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_completions_are_captured_and_unsampled_requests_untouched() {
+    let main = LlamaServer::start(model("q4_1"));
+    let proxy = start_proxy(&main.url(), "").await;
+    let mut outcomes = proxy.subscribe().unwrap();
+    let answer: Value = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", proxy.addr))
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(answer["choices"][0]["logprobs"].is_null(), "stripped: {answer}");
+    let outcome = next_outcome(&mut outcomes).await;
+    assert_eq!(outcome.main.tokens.len(), 10);
+    let text: String = outcome.main.tokens.iter().map(|t| t.text.as_str()).collect();
+    assert_eq!(text, answer["choices"][0]["text"].as_str().unwrap());
+    proxy.shutdown().await.unwrap();
+
+    // sample_rate 0: forwarded exactly as sent, no n_probs, nothing captured.
+    let proxy = start_proxy(&main.url(), "sample_rate: 0\n").await;
+    assert!(proxy.subscribe().is_none());
+    let answer: Value = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", proxy.addr))
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 4, "n_probs": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = answer["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(entries[0]["top_logprobs"].as_array().unwrap().len(), 2, "the client's own n_probs kept");
+    proxy.shutdown().await.unwrap();
+}

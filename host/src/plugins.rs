@@ -194,8 +194,7 @@ impl Ticker {
         let thread = std::thread::Builder::new()
             .name("plugin-epoch".into())
             .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK)
-                {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK) {
                     engine.increment_epoch();
                 }
             })?;
@@ -236,9 +235,8 @@ impl PluginHost {
             })?;
             let mut cache = wasmtime::CacheConfig::new();
             cache.with_directory(dir);
-            let cache = wasmtime::Cache::new(cache).map_err(|e| {
-                anyhow::anyhow!("plugin cache dir {}: {e:#}", dir.display())
-            })?;
+            let cache = wasmtime::Cache::new(cache)
+                .map_err(|e| anyhow::anyhow!("plugin cache dir {}: {e:#}", dir.display()))?;
             config.cache(Some(cache));
         }
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("wasmtime: {e:#}"))?;
@@ -493,9 +491,8 @@ impl LoadedPlugin {
         store.set_epoch_deadline(deadline_ticks(self.timeout.max(MIN_SETUP_TIMEOUT)));
         let result = self.pre.instantiate(&mut store);
         store.data_mut().flush_output();
-        let bindings = result.map_err(|e| {
-            SetupError::Instantiate(describe_error(&e, store.data(), self.timeout))
-        })?;
+        let bindings = result
+            .map_err(|e| SetupError::Instantiate(describe_error(&e, store.data(), self.timeout)))?;
         let configured = bindings.call_configure(&mut store, &self.options);
         store.data_mut().flush_output();
         match configured {
@@ -597,13 +594,15 @@ fn describe_error(e: &wasmtime::Error, state: &PluginState, timeout: Duration) -
 }
 
 /// Checks and converts what a plugin returned.
-fn convert_metrics(metrics: Vec<wt::Metric>, positions: usize) -> Result<Vec<Metric>, PluginFailure> {
+fn convert_metrics(
+    metrics: Vec<wt::Metric>,
+    positions: usize,
+) -> Result<Vec<Metric>, PluginFailure> {
     let mut out = Vec::with_capacity(metrics.len());
     for m in metrics {
         let valid_name = !m.name.is_empty()
             && m.name.len() <= 64
-            && m
-                .name
+            && m.name
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !valid_name {
