@@ -22,7 +22,9 @@ async fn start_proxy(target: &str, extra: &str) -> Service {
     );
     let config = Config::from_yaml(&yaml, None).expect("config");
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Service::start(config, listener).await.expect("service starts")
+    Service::start(config, listener)
+        .await
+        .expect("service starts")
 }
 
 async fn next_outcome(
@@ -55,7 +57,11 @@ async fn plain_endpoints_are_forwarded_unchanged() {
     let proxy = start_proxy(&main.url(), "").await;
     let http = reqwest::Client::new();
     for path in ["/health", "/props", "/v1/models"] {
-        let direct = http.get(format!("{}{path}", main.url())).send().await.unwrap();
+        let direct = http
+            .get(format!("{}{path}", main.url()))
+            .send()
+            .await
+            .unwrap();
         let via = http
             .get(format!("http://{}{path}", proxy.addr))
             .send()
@@ -106,9 +112,20 @@ async fn chat_json_is_captured_and_stripped_for_a_client_that_did_not_ask() {
     let url = format!("http://{}/v1/chat/completions", proxy.addr);
 
     // 1. The client does not ask for logprobs: it gets none, the capture has them all.
-    let answer: Value = http.post(&url).json(&chat(json!({}))).send().await.unwrap().json().await.unwrap();
+    let answer: Value = http
+        .post(&url)
+        .json(&chat(json!({})))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(answer["choices"][0]["logprobs"].is_null(), "{answer}");
-    let content = answer["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let content = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let outcome = next_outcome(&mut outcomes).await;
     let captured = &outcome.main;
     assert_eq!(
@@ -117,11 +134,20 @@ async fn chat_json_is_captured_and_stripped_for_a_client_that_did_not_ask() {
             + u64::from(captured.finish_reason.as_deref() == Some("stop")),
         "one entry per generated token (and the EOS entry when the answer stopped)"
     );
-    assert_eq!(captured.prompt_tokens, answer["usage"]["prompt_tokens"].as_u64().map(|n| n as u32));
-    assert!(captured.tokens.iter().all(|t| t.top.len() == 10), "n_probs 10 injected");
+    assert_eq!(
+        captured.prompt_tokens,
+        answer["usage"]["prompt_tokens"].as_u64().map(|n| n as u32)
+    );
+    assert!(
+        captured.tokens.iter().all(|t| t.top.len() == 10),
+        "n_probs 10 injected"
+    );
     let text: String = captured.tokens.iter().map(|t| t.text.as_str()).collect();
     assert_eq!(text, content);
-    assert_eq!(outcome.record.as_ref().unwrap_err().reason, "candidate_down");
+    assert_eq!(
+        outcome.record.as_ref().unwrap_err().reason,
+        "candidate_down"
+    );
 
     // 2. The client asks for 3: it gets 3 per token (the same greedy answer), with the ids
     //    the capture holds; the capture still has 10.
@@ -134,8 +160,12 @@ async fn chat_json_is_captured_and_stripped_for_a_client_that_did_not_ask() {
         .json()
         .await
         .unwrap();
-    let entries = asked["choices"][0]["logprobs"]["content"].as_array().unwrap();
-    assert!(entries.iter().all(|e| e["top_logprobs"].as_array().unwrap().len() == 3));
+    let entries = asked["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert!(entries
+        .iter()
+        .all(|e| e["top_logprobs"].as_array().unwrap().len() == 3));
     let outcome = next_outcome(&mut outcomes).await;
     let ids: Vec<i64> = entries.iter().map(|e| e["id"].as_i64().unwrap()).collect();
     let captured: Vec<i64> = outcome.main.tokens.iter().map(|t| t.id as i64).collect();
@@ -203,7 +233,10 @@ async fn streams_arrive_chunk_by_chunk_and_are_captured_like_json() {
         first < total / 2,
         "first chunk at {first:?} of {total:?}: not streamed as it came"
     );
-    assert!(!text.contains("top_logprobs"), "logprobs stripped from the stream");
+    assert!(
+        !text.contains("top_logprobs"),
+        "logprobs stripped from the stream"
+    );
     assert!(text.trim_end().ends_with("data: [DONE]"));
     let outcome = next_outcome(&mut outcomes).await;
     assert!(outcome.main.streamed);
@@ -211,12 +244,24 @@ async fn streams_arrive_chunk_by_chunk_and_are_captured_like_json() {
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
         .collect();
-    let captured: String = outcome.main.tokens.iter().map(|t| t.text.as_str()).collect();
+    let captured: String = outcome
+        .main
+        .tokens
+        .iter()
+        .map(|t| t.text.as_str())
+        .collect();
     assert_eq!(captured, streamed_text);
     assert!(outcome.main.tokens.iter().all(|t| t.top.len() == 10));
-    assert!(outcome.main.prompt_tokens.is_some(), "prompt length known from the stream");
+    assert!(
+        outcome.main.prompt_tokens.is_some(),
+        "prompt length known from the stream"
+    );
 
     // The same request not streamed gives the same capture.
     let _: Value = http
@@ -252,7 +297,12 @@ async fn native_completion_endpoint_is_captured() {
     assert!(answer.get("completion_probabilities").is_none(), "stripped");
     let outcome = next_outcome(&mut outcomes).await;
     assert_eq!(outcome.main.tokens.len(), 12);
-    let text: String = outcome.main.tokens.iter().map(|t| t.text.as_str()).collect();
+    let text: String = outcome
+        .main
+        .tokens
+        .iter()
+        .map(|t| t.text.as_str())
+        .collect();
     assert_eq!(text, answer["content"].as_str().unwrap());
     proxy.shutdown().await.unwrap();
 }
@@ -302,7 +352,10 @@ async fn target_down_gives_an_openai_shaped_502() {
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["code"], "target_unreachable");
     assert_eq!(err["error"]["type"], "proxy_error");
-    assert!(err["error"]["message"].as_str().unwrap().contains("could not be reached"));
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("could not be reached"));
     proxy.shutdown().await.unwrap();
 }
 
@@ -314,7 +367,10 @@ fn a_broken_config_is_refused_naming_the_file_and_the_key() {
         ("target_host: http://127.0.0.1:1\nport: eighty\n", "port"),
         ("target_host: localhost:8080\n", "target_host"),
         ("candidate_host: http://127.0.0.1:1\n", "target_host"),
-        ("target_host: http://127.0.0.1:1\nqueue_capacity: -1\n", "queue_capacity"),
+        (
+            "target_host: http://127.0.0.1:1\nqueue_capacity: -1\n",
+            "queue_capacity",
+        ),
     ];
     for (i, (yaml, key)) in cases.iter().enumerate() {
         let file = dir.path().join(format!("bad{i}.yaml"));
@@ -349,13 +405,32 @@ async fn a_client_that_hangs_up_frees_the_target_and_is_not_compared() {
     for _ in 0..3 {
         resp.chunk().await.unwrap().expect("a first chunk");
     }
-    let busy = |v: &Value| v.as_array().unwrap().iter().any(|s| s["is_processing"] == true);
-    let slots: Value = http.get(format!("{}/slots", main.url())).send().await.unwrap().json().await.unwrap();
+    let busy = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["is_processing"] == true)
+    };
+    let slots: Value = http
+        .get(format!("{}/slots", main.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(busy(&slots), "the target is generating: {slots}");
     drop(resp);
     let hung_up = Instant::now();
     loop {
-        let slots: Value = http.get(format!("{}/slots", main.url())).send().await.unwrap().json().await.unwrap();
+        let slots: Value = http
+            .get(format!("{}/slots", main.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if !busy(&slots) {
             break;
         }
@@ -365,9 +440,16 @@ async fn a_client_that_hangs_up_frees_the_target_and_is_not_compared() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!("target slot freed {:?} after the client hung up", hung_up.elapsed());
+    eprintln!(
+        "target slot freed {:?} after the client hung up",
+        hung_up.elapsed()
+    );
     let stats = proxy.stats().unwrap();
-    assert_eq!(stats.offered.load(std::sync::atomic::Ordering::Acquire), 0, "no comparison of a partial answer");
+    assert_eq!(
+        stats.offered.load(std::sync::atomic::Ordering::Acquire),
+        0,
+        "no comparison of a partial answer"
+    );
     proxy.shutdown().await.unwrap();
 }
 
@@ -385,10 +467,18 @@ async fn legacy_completions_are_captured_and_unsampled_requests_untouched() {
         .json()
         .await
         .unwrap();
-    assert!(answer["choices"][0]["logprobs"].is_null(), "stripped: {answer}");
+    assert!(
+        answer["choices"][0]["logprobs"].is_null(),
+        "stripped: {answer}"
+    );
     let outcome = next_outcome(&mut outcomes).await;
     assert_eq!(outcome.main.tokens.len(), 10);
-    let text: String = outcome.main.tokens.iter().map(|t| t.text.as_str()).collect();
+    let text: String = outcome
+        .main
+        .tokens
+        .iter()
+        .map(|t| t.text.as_str())
+        .collect();
     assert_eq!(text, answer["choices"][0]["text"].as_str().unwrap());
     proxy.shutdown().await.unwrap();
 
@@ -404,7 +494,13 @@ async fn legacy_completions_are_captured_and_unsampled_requests_untouched() {
         .json()
         .await
         .unwrap();
-    let entries = answer["choices"][0]["logprobs"]["content"].as_array().unwrap();
-    assert_eq!(entries[0]["top_logprobs"].as_array().unwrap().len(), 2, "the client's own n_probs kept");
+    let entries = answer["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        entries[0]["top_logprobs"].as_array().unwrap().len(),
+        2,
+        "the client's own n_probs kept"
+    );
     proxy.shutdown().await.unwrap();
 }

@@ -114,7 +114,10 @@ impl Capture {
             .and_then(Value::as_u64)
         {
             self.response.prompt_tokens = Some(n as u32);
-        } else if let Some(t) = obj.get("timings").filter(|_| self.response.prompt_tokens.is_none()) {
+        } else if let Some(t) = obj
+            .get("timings")
+            .filter(|_| self.response.prompt_tokens.is_none())
+        {
             // A llama-server stream without `usage`: the prompt is what was evaluated now
             // plus what came from the cache.
             let n = |k: &str| t.get(k).and_then(Value::as_u64);
@@ -132,14 +135,14 @@ impl Capture {
                 }
                 if obj.get("stop").and_then(Value::as_bool) == Some(true) {
                     self.finished = true;
-                    self.response.finish_reason = obj
-                        .get("stop_type")
-                        .and_then(Value::as_str)
-                        .map(|s| match s {
-                            "eos" | "word" => "stop".to_owned(),
-                            "limit" => "length".to_owned(),
-                            other => other.to_owned(),
-                        });
+                    self.response.finish_reason =
+                        obj.get("stop_type")
+                            .and_then(Value::as_str)
+                            .map(|s| match s {
+                                "eos" | "word" => "stop".to_owned(),
+                                "limit" => "length".to_owned(),
+                                other => other.to_owned(),
+                            });
                 }
             }
             Endpoint::ChatCompletions | Endpoint::Completions => {
@@ -278,7 +281,11 @@ impl<B> TeeBody<B> {
             let mut s = b"data: ".to_vec();
             serde_json::to_writer(&mut s, &obj).ok()?;
             // Keep the line ending the target used.
-            let ending: &[u8] = if line.ends_with(b"\r\n") { b"\r\n" } else { b"\n" };
+            let ending: &[u8] = if line.ends_with(b"\r\n") {
+                b"\r\n"
+            } else {
+                b"\n"
+            };
             s.extend_from_slice(ending);
             return Some(Bytes::from(s));
         }

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "kl-proxy", version, about = "Measure, on live traffic, how far a candidate LLM is from the model in production")]
+#[command(
+    name = "kl-proxy",
+    version,
+    about = "Measure, on live traffic, how far a candidate LLM is from the model in production"
+)]
 pub struct Cli {
     /// The config file.
     #[arg(long, short, global = true, default_value = "config.yaml")]

@@ -150,7 +150,7 @@ fn parse_size(text: &str) -> Option<u64> {
         "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
         _ => return None,
     };
-    (n.is_finite() && n >= 0.0).then(|| (n * mult) as u64)
+    (n.is_finite() && n >= 0.0).then_some((n * mult) as u64)
 }
 
 /// How the candidate is asked to score a response (see `candidate`).
@@ -312,7 +312,10 @@ impl RawConfig {
         }
         let candidate_concurrency = self.candidate_concurrency.unwrap_or(1);
         if candidate_concurrency == 0 {
-            return Err(invalid("candidate_concurrency", "must be at least 1".into()));
+            return Err(invalid(
+                "candidate_concurrency",
+                "must be at least 1".into(),
+            ));
         }
         let strategy = match self.strategy.as_deref().unwrap_or("forced") {
             "forced" => StrategyChoice::Forced,
@@ -400,7 +403,9 @@ impl RawConfig {
             max_capture_tokens: self.max_capture_tokens.unwrap_or(8192),
             candidate_api_key: self.candidate_api_key,
             candidate_headers,
-            forward_client_auth_to_candidate: self.forward_client_auth_to_candidate.unwrap_or(false),
+            forward_client_auth_to_candidate: self
+                .forward_client_auth_to_candidate
+                .unwrap_or(false),
             plugins,
             plugin_timeout: self
                 .plugin_timeout
@@ -481,7 +486,9 @@ mod tests {
         assert!(e.contains("candidate_timeout") && e.contains("soon"), "{e}");
         let e = err("target_host: http://x:1\nplugins:\n  - name: a b\n    path: x.wasm\n");
         assert!(e.contains("plugins[0].name"), "{e}");
-        let e = err("target_host: http://x:1\nplugins:\n  - name: a\n    path: x.wasm\n    colour: red\n");
+        let e = err(
+            "target_host: http://x:1\nplugins:\n  - name: a\n    path: x.wasm\n    colour: red\n",
+        );
         assert!(e.contains("plugins") && e.contains("colour"), "{e}");
     }
 

@@ -102,7 +102,9 @@ impl EvalSummary {
                         Ok(metrics) => {
                             for m in metrics {
                                 if let MetricValue::PerPosition(values) = &m.value {
-                                    let e = sums.entry(format!("{}.{}", po.plugin, m.name)).or_default();
+                                    let e = sums
+                                        .entry(format!("{}.{}", po.plugin, m.name))
+                                        .or_default();
                                     for (v, p) in values.iter().zip(&r.positions) {
                                         if p.status == PositionStatus::Aligned && v.is_finite() {
                                             e.0 += v;
@@ -122,7 +124,11 @@ impl EvalSummary {
 impl fmt::Display for EvalSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-        writeln!(f, "requests            {} sent, {} answered", self.requests, self.answered)?;
+        writeln!(
+            f,
+            "requests            {} sent, {} answered",
+            self.requests, self.answered
+        )?;
         writeln!(
             f,
             "comparisons         {} ok, {} failed, {} dropped",
@@ -160,7 +166,11 @@ impl fmt::Display for EvalSummary {
 }
 
 /// Runs the prompt set through an in-process proxy built from `config`.
-pub async fn run(config: Config, prompts: &Path, concurrency: usize) -> anyhow::Result<EvalSummary> {
+pub async fn run(
+    config: Config,
+    prompts: &Path,
+    concurrency: usize,
+) -> anyhow::Result<EvalSummary> {
     let prompts = load_prompts(prompts)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let service = Service::start(config, listener).await?;

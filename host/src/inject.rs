@@ -31,7 +31,10 @@ pub struct PreparedRequest {
 
 /// How many top log-probabilities the client asked for, if it asked at all.
 pub fn client_top_n(endpoint: Endpoint, body: &Map<String, Value>) -> Option<usize> {
-    let n_probs = body.get("n_probs").and_then(Value::as_u64).filter(|&n| n > 0);
+    let n_probs = body
+        .get("n_probs")
+        .and_then(Value::as_u64)
+        .filter(|&n| n > 0);
     let openai = match endpoint {
         Endpoint::ChatCompletions => match body.get("logprobs") {
             Some(Value::Bool(true)) => Some(
@@ -151,17 +154,32 @@ mod tests {
 
     #[test]
     fn injects_n_probs_and_strips_for_a_client_that_did_not_ask() {
-        let p = prepare(Endpoint::ChatCompletions, obj(json!({"messages": []})), 10, true);
+        let p = prepare(
+            Endpoint::ChatCompletions,
+            obj(json!({"messages": []})),
+            10,
+            true,
+        );
         assert_eq!(p.body["n_probs"], 10);
         assert_eq!(p.edit, ResponseEdit::Strip);
         assert!(!p.stream);
-        let p = prepare(Endpoint::ChatCompletions, obj(json!({"messages": []})), 10, false);
+        let p = prepare(
+            Endpoint::ChatCompletions,
+            obj(json!({"messages": []})),
+            10,
+            false,
+        );
         assert_eq!(p.edit, ResponseEdit::None);
     }
 
     #[test]
     fn keeps_a_larger_client_request_and_trims_a_smaller_one() {
-        let p = prepare(Endpoint::Completion, obj(json!({"n_probs": 20, "stream": true})), 10, true);
+        let p = prepare(
+            Endpoint::Completion,
+            obj(json!({"n_probs": 20, "stream": true})),
+            10,
+            true,
+        );
         assert_eq!(p.body["n_probs"], 20);
         assert_eq!(p.edit, ResponseEdit::None);
         assert!(p.stream);
@@ -181,7 +199,11 @@ mod tests {
         let mut chat = obj(json!({"choices": [{"index": 0, "logprobs": {"content": [
             {"id": 1, "logprob": -0.1, "top_logprobs": [{"id": 1}, {"id": 2}, {"id": 3}]}]}}]}));
         let mut trimmed = chat.clone();
-        assert!(edit_response(Endpoint::ChatCompletions, ResponseEdit::TrimTop(2), &mut trimmed));
+        assert!(edit_response(
+            Endpoint::ChatCompletions,
+            ResponseEdit::TrimTop(2),
+            &mut trimmed
+        ));
         assert_eq!(
             trimmed["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
                 .as_array()
@@ -189,10 +211,18 @@ mod tests {
                 .len(),
             2
         );
-        assert!(edit_response(Endpoint::ChatCompletions, ResponseEdit::Strip, &mut chat));
+        assert!(edit_response(
+            Endpoint::ChatCompletions,
+            ResponseEdit::Strip,
+            &mut chat
+        ));
         assert!(chat["choices"][0]["logprobs"].is_null());
         let mut native = obj(json!({"content": "x", "completion_probabilities": []}));
-        assert!(edit_response(Endpoint::Completion, ResponseEdit::Strip, &mut native));
+        assert!(edit_response(
+            Endpoint::Completion,
+            ResponseEdit::Strip,
+            &mut native
+        ));
         assert!(!native.contains_key("completion_probabilities"));
     }
 }

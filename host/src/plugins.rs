@@ -831,6 +831,8 @@ impl PluginState {
     }
 
     fn begin_call(&mut self) {
+        // A refusal in an earlier call that the plugin survived says nothing about this one.
+        self.limiter.exceeded = false;
         self.log_budget = LOG_BUDGET_PER_CALL;
         self.log_dropped = 0;
         self.last_stderr_line = None;

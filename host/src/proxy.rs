@@ -79,7 +79,10 @@ impl Proxy {
             && (self.config.sample_rate >= 1.0 || rand::random::<f64>() < self.config.sample_rate);
         let response = match endpoint {
             Some(endpoint) if sampled => self.forward_scored(endpoint, req).await,
-            _ => self.forward(req.map(|b| b.map_err(BoxError::from).boxed_unsync())).await,
+            _ => {
+                self.forward(req.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+                    .await
+            }
         };
         Ok(response.unwrap_or_else(|e| e.into_response()))
     }
@@ -289,9 +292,11 @@ impl ProxyError {
                 "invalid_request_error",
                 "body_too_large",
             ),
-            ProxyError::BadRequest(_) => {
-                (StatusCode::BAD_REQUEST, "invalid_request_error", "bad_request")
-            }
+            ProxyError::BadRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "bad_request",
+            ),
         };
         tracing::warn!(code, "{self}");
         json_error(status, kind, code, &self.to_string())
@@ -299,7 +304,12 @@ impl ProxyError {
 }
 
 /// An OpenAI-shaped error answer: `{"error": {"message", "type", "code"}}`.
-pub fn json_error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<ProxyBody> {
+pub fn json_error(
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+    message: &str,
+) -> Response<ProxyBody> {
     let body = serde_json::json!({"error": {"message": message, "type": kind, "code": code}});
     let mut resp = Response::new(
         Full::new(Bytes::from(body.to_string()))

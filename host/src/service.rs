@@ -63,7 +63,11 @@ impl Service {
             workers.as_ref().map(ComparisonWorkers::queue),
         ));
         let stop = CancellationToken::new();
-        let server = tokio::spawn(proxy::serve(listener, proxy, stop.clone().cancelled_owned()));
+        let server = tokio::spawn(proxy::serve(
+            listener,
+            proxy,
+            stop.clone().cancelled_owned(),
+        ));
         tracing::info!(
             %addr,
             target = %config.target_host,
@@ -215,7 +219,9 @@ async fn watch_config(service: Arc<Service>, file: std::path::PathBuf) {
             .map_err(anyhow::Error::from)
             .and_then(|c| service.reload_plugins(&c));
         match result {
-            Ok(names) => tracing::info!(plugins = ?names, file = %file.display(), "plugins reloaded"),
+            Ok(names) => {
+                tracing::info!(plugins = ?names, file = %file.display(), "plugins reloaded")
+            }
             Err(e) => tracing::error!(
                 error = %format!("{e:#}"),
                 "config reload failed; the running plugins stay in place"

@@ -33,7 +33,11 @@ pub enum UpstreamError {
     Timeout { url: String, timeout: Duration },
     /// The server answered with a non-2xx status; `body` is an excerpt of what it said.
     #[error("{url}: HTTP {code}: {body}")]
-    Status { url: String, code: u16, body: String },
+    Status {
+        url: String,
+        code: u16,
+        body: String,
+    },
     /// The answer was not JSON (or too large to accept).
     #[error("{url}: bad answer: {message}")]
     BadJson { url: String, message: String },
@@ -67,7 +71,11 @@ impl std::fmt::Debug for Upstream {
             .field("timeout", &self.timeout)
             .field(
                 "headers",
-                &self.headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+                &self
+                    .headers
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -130,7 +138,8 @@ impl Upstream {
             url: self.url(path),
             message: format!("cannot encode the request: {e}"),
         })?;
-        self.send(Method::POST, path, Some(Bytes::from(bytes))).await
+        self.send(Method::POST, path, Some(Bytes::from(bytes)))
+            .await
     }
 
     /// `GET base+path`; the JSON answer.

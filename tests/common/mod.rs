@@ -48,12 +48,16 @@ impl LlamaServer {
 
     pub fn start_with(model: PathBuf, extra: &[&str]) -> LlamaServer {
         let bin = cache_dir().join("bin/llama-server");
-        assert!(bin.exists(), "{} is missing: run `make setup`", bin.display());
+        assert!(
+            bin.exists(),
+            "{} is missing: run `make setup`",
+            bin.display()
+        );
         for _attempt in 0..3 {
             let port = free_port();
-            let log = std::fs::File::create(std::env::temp_dir().join(format!(
-                "llama-server-{port}.log"
-            )))
+            let log = std::fs::File::create(
+                std::env::temp_dir().join(format!("llama-server-{port}.log")),
+            )
             .unwrap();
             let child = Command::new(&bin)
                 .arg("-m")

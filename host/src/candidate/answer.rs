@@ -148,9 +148,8 @@ pub(crate) fn parse_completion(v: &Value) -> Result<Completion, String> {
             .ok_or_else(|| format!("generated token without an id: {}", describe(p)))?;
         let mut top = Vec::with_capacity(s.top.len());
         for t in s.top {
-            let tid = t
-                .id
-                .ok_or_else(|| format!("top entry without an id: {}", describe(p)))?;
+            let tid =
+                t.id.ok_or_else(|| format!("top entry without an id: {}", describe(p)))?;
             top.push(IdTop {
                 id: tid,
                 text: t.text,

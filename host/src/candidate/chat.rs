@@ -43,7 +43,9 @@ pub(crate) async fn probe(scorer: &CandidateScorer, model: &str) -> Result<(), S
 }
 
 fn entry_bytes(e: &TopEntry) -> Vec<u8> {
-    e.bytes.clone().unwrap_or_else(|| e.text.as_bytes().to_vec())
+    e.bytes
+        .clone()
+        .unwrap_or_else(|| e.text.as_bytes().to_vec())
 }
 
 /// Scores `work` through the chat API; returns the prompt length to record.
@@ -71,7 +73,11 @@ pub(crate) async fn run(
     let main_bytes: Vec<Vec<u8>> = main
         .tokens
         .iter()
-        .map(|t| t.bytes.clone().unwrap_or_else(|| t.text.as_bytes().to_vec()))
+        .map(|t| {
+            t.bytes
+                .clone()
+                .unwrap_or_else(|| t.text.as_bytes().to_vec())
+        })
         .collect();
     let mut by_text: HashMap<&[u8], i32> = HashMap::new();
     for (t, b) in main.tokens.iter().zip(&main_bytes) {
@@ -219,7 +225,11 @@ pub(crate) async fn run(
                     work.note_text(id, &t.text);
                 }
             }
-            let pick = if same { Some(main_id) } else { map_id(&step.token) };
+            let pick = if same {
+                Some(main_id)
+            } else {
+                map_id(&step.token)
+            };
             work.slots[pos] = Some(Slot {
                 candidate,
                 top,

@@ -5,7 +5,9 @@
 //! logprob over the full vocabulary. Should the candidate ever emit something else, the
 //! positions before that are kept and [`chunked`](super::chunked) takes over from there.
 
-use super::{answer::Completion, chunked, CandidateScorer, ScoreError, Slot, Work, FORCED_MAX_TOKENS};
+use super::{
+    answer::Completion, chunked, CandidateScorer, ScoreError, Slot, Work, FORCED_MAX_TOKENS,
+};
 use crate::record::TopLogprob;
 
 /// A grammar that accepts exactly `ids`, in order.

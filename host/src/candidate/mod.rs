@@ -183,7 +183,12 @@ impl CandidateScorer {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        Ok(work.into_record(report.candidate_model.clone(), prompt_tokens, strategy, time_ms))
+        Ok(work.into_record(
+            report.candidate_model.clone(),
+            prompt_tokens,
+            strategy,
+            time_ms,
+        ))
     }
 
     async fn probe_now(&self) -> Result<StrategyReport, ScoreError> {
@@ -216,11 +221,14 @@ impl CandidateScorer {
                     match (self.choice, forcing) {
                         (StrategyChoice::Forced, Ok(())) => {
                             report.strategy = Strategy::Forced;
-                            report.reason = "token-id grammar forcing works and leaves the distribution raw".into();
+                            report.reason =
+                                "token-id grammar forcing works and leaves the distribution raw"
+                                    .into();
                         }
                         (StrategyChoice::Forced, Err(why)) => {
                             report.strategy = Strategy::Chunked;
-                            report.reason = format!("grammar forcing unusable ({why}); using chunked");
+                            report.reason =
+                                format!("grammar forcing unusable ({why}); using chunked");
                         }
                         _ => {
                             report.strategy = Strategy::Chunked;

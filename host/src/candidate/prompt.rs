@@ -49,7 +49,9 @@ pub(crate) async fn prompt_ids(up: &Upstream, main: &MainResponse) -> Result<Vec
                     "the chat request has no `messages`".into(),
                 ));
             }
-            let v = up.post_json("/apply-template", &Value::Object(body)).await?;
+            let v = up
+                .post_json("/apply-template", &Value::Object(body))
+                .await?;
             let prompt = v.get("prompt").and_then(Value::as_str).ok_or_else(|| {
                 ScoreError::BadAnswer("/apply-template answered without a `prompt` string".into())
             })?;
