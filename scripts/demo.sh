@@ -52,16 +52,25 @@ target_host: http://127.0.0.1:$MAIN_PORT
 candidate_host: http://127.0.0.1:$CAND_PORT
 port: $PROXY_PORT
 n_probs: 10
+store:
+  path: $WORK/kl-proxy.db
+admin:
+  listen: 127.0.0.1:${ADMIN_PORT:-8089}
 plugins:
   - name: kl
     path: $PWD/plugins/dist/kl-divergence.wasm
+  - name: top
+    path: $PWD/plugins/dist/top-overlap.wasm
 YAML
 
 echo "demo: kl-proxy eval on $PROMPTS ($(grep -c . "$PROMPTS") prompts)"
-"$BIN" eval --config "$WORK/config.yaml" --prompts "$PROMPTS"
+"$BIN" eval --config "$WORK/config.yaml" --prompts "$PROMPTS" 2> >(grep -v '^eval: ' >&2)
+echo
+echo "demo: kl-proxy report"
+"$BIN" report --config "$WORK/config.yaml"
 
 if [ "${KEEP:-0}" = 1 ]; then
-  echo "demo: proxy on http://127.0.0.1:$PROXY_PORT (main http://127.0.0.1:$MAIN_PORT, candidate http://127.0.0.1:$CAND_PORT); Ctrl-C to stop"
+  echo "demo: proxy on http://127.0.0.1:$PROXY_PORT, admin on http://127.0.0.1:${ADMIN_PORT:-8089}/metrics (main http://127.0.0.1:$MAIN_PORT, candidate http://127.0.0.1:$CAND_PORT); Ctrl-C to stop"
   "$BIN" --config "$WORK/config.yaml" &
   pids+=($!)
   wait "${pids[-1]}" || true

@@ -17,7 +17,8 @@ use tokio::net::TcpListener;
 /// outcome carries the capture and a `candidate_down` failure), unless `extra` says otherwise.
 async fn start_proxy(target: &str, extra: &str) -> Service {
     let yaml = format!(
-        "target_host: {target}\ncandidate_host: http://127.0.0.1:{}\ncandidate_timeout: 2s\n{extra}",
+        "target_host: {target}\ncandidate_host: http://127.0.0.1:{}\ncandidate_timeout: 2s\n\
+         admin: {{listen: \"127.0.0.1:0\"}}\nstore: {{path: \"\"}}\n{extra}",
         free_port()
     );
     let config = Config::from_yaml(&yaml, None).expect("config");

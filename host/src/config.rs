@@ -55,6 +55,49 @@ pub struct RawConfig {
     pub plugin_timeout: Option<DurationValue>,
     pub plugin_memory_limit: Option<ByteSize>,
     pub plugin_cache_dir: Option<String>,
+    pub store: Option<RawStore>,
+    pub admin: Option<RawAdmin>,
+    pub histogram_buckets: Option<Vec<f64>>,
+}
+
+/// `store:` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub path: Option<String>,
+    pub keep_text: Option<bool>,
+    pub max_age: Option<DurationValue>,
+    pub max_rows: Option<u64>,
+}
+
+/// `admin:` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub token: Option<String>,
+}
+
+/// Where comparisons are kept (see `store`).
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// SQLite file; `None` when `store.path` is empty (nothing kept).
+    pub path: Option<PathBuf>,
+    /// Keep prompt and token texts; off: ids and numbers only.
+    pub keep_text: bool,
+    /// Comparisons older than this are deleted.
+    pub max_age: Option<Duration>,
+    /// At most this many comparisons are kept (the oldest go first).
+    pub max_rows: Option<u64>,
+}
+
+/// The admin listener (metrics, API, dashboard).
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Where it listens; `None` when `admin.listen` is empty (no admin listener).
+    pub listen: Option<SocketAddr>,
+    /// Bearer token required on every admin request, when set.
+    pub token: Option<String>,
 }
 
 /// One entry of `plugins:` as written.
@@ -94,7 +137,7 @@ impl<'de> Deserialize<'de> for DurationValue {
     }
 }
 
-fn parse_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
     let t = text.trim();
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -224,6 +267,12 @@ pub struct Config {
     pub plugin_memory_limit: u64,
     /// Where compiled plugins are cached (none: compile at every load).
     pub plugin_cache_dir: Option<PathBuf>,
+    /// The record store.
+    pub store: StoreConfig,
+    /// The admin listener.
+    pub admin: AdminConfig,
+    /// Bucket bounds of the Prometheus histograms of per-position plugin series.
+    pub histogram_buckets: Vec<f64>,
 }
 
 impl Config {
@@ -380,7 +429,52 @@ impl RawConfig {
             });
         }
 
+        let store = self.store.unwrap_or_default();
+        let store_path = match store.path.as_deref() {
+            Some("") => None,
+            p => {
+                let p = PathBuf::from(p.unwrap_or("kl-proxy.db"));
+                Some(if p.is_relative() { base_dir.join(p) } else { p })
+            }
+        };
+        if store.max_rows == Some(0) {
+            return Err(invalid("store.max_rows", "must be at least 1".into()));
+        }
+        let admin = self.admin.unwrap_or_default();
+        let admin_listen = match admin.listen.as_deref() {
+            Some("") => None,
+            a => Some(a.unwrap_or("127.0.0.1:8089").parse::<SocketAddr>().map_err(|_| {
+                invalid("admin.listen", "must be an address such as 127.0.0.1:8089".into())
+            })?),
+        };
+        if admin.token.as_deref() == Some("") {
+            return Err(invalid("admin.token", "must not be empty (leave it out instead)".into()));
+        }
+        let histogram_buckets = self.histogram_buckets.unwrap_or_else(|| {
+            vec![1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
+        });
+        if histogram_buckets.is_empty()
+            || histogram_buckets.windows(2).any(|w| w[0] >= w[1])
+            || histogram_buckets.iter().any(|b| !b.is_finite())
+        {
+            return Err(invalid(
+                "histogram_buckets",
+                "must be a non-empty list of increasing finite numbers".into(),
+            ));
+        }
+
         Ok(Config {
+            store: StoreConfig {
+                path: store_path,
+                keep_text: store.keep_text.unwrap_or(true),
+                max_age: store.max_age.map(|d| d.0),
+                max_rows: store.max_rows,
+            },
+            admin: AdminConfig {
+                listen: admin_listen,
+                token: admin.token,
+            },
+            histogram_buckets,
             file: file.map(Path::to_path_buf),
             target_host,
             candidate_host,

@@ -13,6 +13,11 @@
 //! - [`queue`]: the bounded queue of comparison jobs and the workers that drain it.
 //! - [`candidate`]: scores a main response under the candidate (forced / chunked / chat)
 //!   into an [`record::AlignedRecord`].
+//! - [`store`]: the SQLite record store and its batching writer.
+//! - [`metrics`]: live counters in Prometheus format.
+//! - [`admin`]: the admin listener: `/metrics` and the JSON API over the store.
+//! - [`stats`]: the statistics `report` prints (llama-perplexity's formulas).
+//! - [`export`]: per-position rows to JSONL, CSV or Parquet.
 //! - [`plugins`]: the wasmtime host that hands records to the Wasm comparators over WIT.
 //! - [`service`]: assembles the stages, runs them, reloads plugins, shuts down in order.
 //! - [`record`]: the types passed between the stages.
@@ -20,17 +25,22 @@
 //! - [`eval`]: `kl-proxy eval`: drives a prompt set through the proxy and waits for the results.
 //! - [`cli`]: the command line (the binary in `main.rs` only parses and calls in here).
 
+pub mod admin;
 pub mod candidate;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod eval;
+pub mod export;
 pub mod inject;
+pub mod metrics;
 pub mod plugins;
 pub mod proxy;
 pub mod queue;
 pub mod record;
 pub mod service;
+pub mod stats;
+pub mod store;
 pub mod upstream;
 
 pub use proxy::{serve, Proxy};

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use crate::capture::{BodyKind, Capture, TeeBody};
 use crate::config::Config;
 use crate::inject::{self, ResponseEdit};
+use crate::metrics::Metrics;
 use crate::queue::ComparisonQueue;
 use crate::record::Endpoint;
 
@@ -43,10 +44,16 @@ pub struct Proxy {
     target_host_header: HeaderValue,
     /// Where captured responses go (`None`: nothing is compared).
     queue: Option<ComparisonQueue>,
+    /// Requests by endpoint and status.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Proxy {
-    pub fn new(config: Arc<Config>, queue: Option<ComparisonQueue>) -> Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        queue: Option<ComparisonQueue>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
@@ -65,11 +72,13 @@ impl Proxy {
             client,
             target_host_header,
             queue,
+            metrics,
         }
     }
 
     /// Handles one request; never fails (errors become OpenAI-shaped JSON answers).
     pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+        let label = crate::metrics::endpoint_label(req.method(), req.uri().path());
         let endpoint = (req.method() == Method::POST)
             .then(|| Endpoint::from_path(req.uri().path()))
             .flatten();
@@ -84,7 +93,11 @@ impl Proxy {
                     .await
             }
         };
-        Ok(response.unwrap_or_else(|e| e.into_response()))
+        let response = response.unwrap_or_else(|e| e.into_response());
+        if let Some(m) = &self.metrics {
+            m.request(label, response.status().as_u16());
+        }
+        Ok(response)
     }
 
     /// Plain forwarding: the body streams through untouched.

@@ -45,11 +45,11 @@ impl QueueStats {
         self.offered.load(Ordering::Acquire).saturating_sub(settled)
     }
 
-    fn fail(&self, reason: &'static str) {
+    fn fail(&self, reason: &'static str) -> u64 {
         if let Ok(mut f) = self.failures.lock() {
             *f.entry(reason).or_default() += 1;
         }
-        self.failed.fetch_add(1, Ordering::AcqRel);
+        self.failed.fetch_add(1, Ordering::AcqRel)
     }
 }
 
@@ -163,6 +163,7 @@ impl ComparisonWorkers {
         concurrency: usize,
         scorer: Arc<CandidateScorer>,
         plugins: Arc<ActivePlugins>,
+        sinks: OutcomeSinks,
     ) -> ComparisonWorkers {
         let (tx, rx) = mpsc::channel(capacity);
         let stats = Arc::new(QueueStats::default());
@@ -184,6 +185,7 @@ impl ComparisonWorkers {
                 plugins: plugins.clone(),
                 outcomes: outcomes.clone(),
                 cancel: cancel.clone(),
+                sinks: sinks.clone(),
             };
             tracker.spawn(worker.run());
         }
@@ -218,7 +220,17 @@ impl ComparisonWorkers {
     }
 }
 
+/// Where every outcome goes besides the broadcast: the live metrics and the store.
+#[derive(Clone, Default)]
+pub struct OutcomeSinks {
+    /// Live counters (Prometheus).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The store's writer; the worker waits for room here (never the request path).
+    pub store: Option<mpsc::Sender<Arc<ComparisonOutcome>>>,
+}
+
 struct Worker {
+    sinks: OutcomeSinks,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<MainResponse>>>,
     stats: Arc<QueueStats>,
     scorer: Arc<CandidateScorer>,
@@ -236,6 +248,7 @@ impl Worker {
             };
             let Some(main) = job else { break };
             self.stats.in_flight.fetch_add(1, Ordering::AcqRel);
+            let started = Instant::now();
             let outcome = tokio::select! {
                 _ = self.cancel.cancelled() => None,
                 o = self.compare(main) => Some(o),
@@ -243,7 +256,22 @@ impl Worker {
             self.stats.in_flight.fetch_sub(1, Ordering::AcqRel);
             match outcome {
                 Some(o) => {
-                    let _ = self.outcomes.send(Arc::new(o));
+                    let o = Arc::new(o);
+                    if let Some(m) = &self.sinks.metrics {
+                        m.outcome(&o, started.elapsed());
+                    }
+                    if let Some(store) = &self.sinks.store {
+                        if store.send(o.clone()).await.is_err() {
+                            tracing::error!("store writer gone: comparison not stored");
+                        }
+                    }
+                    // Counted last, so that a listener that sees nothing pending has seen
+                    // every outcome.
+                    match &o.record {
+                        Ok(_) => self.stats.ok.fetch_add(1, Ordering::AcqRel),
+                        Err(f) => self.stats.fail(f.reason),
+                    };
+                    let _ = self.outcomes.send(o);
                 }
                 None => {
                     self.stats.dropped.fetch_add(1, Ordering::AcqRel);
@@ -269,7 +297,6 @@ impl Worker {
             Err(e) => {
                 let reason = e.reason();
                 tracing::warn!(reason, error = %e, "comparison failed");
-                self.stats.fail(reason);
                 return ComparisonOutcome {
                     main,
                     record: Err(ComparisonFailure {
@@ -290,7 +317,6 @@ impl Worker {
             }
             None => Vec::new(),
         };
-        self.stats.ok.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(
             id = %record.id,
             positions = record.positions.len(),

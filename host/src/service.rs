@@ -16,13 +16,22 @@ use crate::candidate::CandidateScorer;
 use crate::config::Config;
 use crate::plugins::{PluginHost, PluginLimits, PluginSet};
 use crate::proxy::{self, Proxy};
-use crate::queue::{ActivePlugins, ComparisonOutcome, ComparisonWorkers, QueueStats};
+use crate::admin::{self, AdminState};
+use crate::metrics::Metrics;
+use crate::queue::{ActivePlugins, ComparisonOutcome, ComparisonWorkers, OutcomeSinks, QueueStats};
+use crate::store::StoreWriter;
 
 /// A running proxy with its background workers.
 pub struct Service {
     /// Where the proxy listens.
     pub addr: SocketAddr,
+    /// Where the admin endpoints listen, when they do.
+    pub admin_addr: Option<SocketAddr>,
+    /// The live counters.
+    pub metrics: Arc<Metrics>,
     config: Arc<Config>,
+    store: Option<StoreWriter>,
+    admin: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     workers: Option<ComparisonWorkers>,
     plugins: Arc<ActivePlugins>,
     plugin_host: Option<Arc<PluginHost>>,
@@ -39,6 +48,15 @@ impl Service {
         let addr = listener.local_addr()?;
         let (plugin_host, plugins) = load_plugins(&config)?;
         let plugins = Arc::new(ActivePlugins::new(plugins));
+        let metrics = Arc::new(Metrics::new(config.histogram_buckets.clone()));
+        let store = match &config.store.path {
+            Some(path) => Some(StoreWriter::start(path, config.store.clone())?),
+            None => None,
+        };
+        let sinks = OutcomeSinks {
+            metrics: Some(metrics.clone()),
+            store: store.as_ref().and_then(StoreWriter::sender),
+        };
         let workers = if config.sample_rate > 0.0 {
             let scorer = Arc::new(CandidateScorer::new(&config));
             match scorer.probe().await {
@@ -53,16 +71,35 @@ impl Service {
                 config.candidate_concurrency,
                 scorer,
                 plugins.clone(),
+                sinks,
             ))
         } else {
             tracing::info!("sample_rate is 0: forwarding only, nothing is compared");
             None
         };
-        let proxy = Arc::new(Proxy::new(
-            config.clone(),
-            workers.as_ref().map(ComparisonWorkers::queue),
-        ));
+        let queue = workers.as_ref().map(ComparisonWorkers::queue);
+        let proxy = Arc::new(Proxy::new(config.clone(), queue.clone(), Some(metrics.clone())));
         let stop = CancellationToken::new();
+        let (admin, admin_addr) = match config.admin.listen {
+            Some(at) => {
+                let l = TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("admin.listen: cannot listen on {at}"))?;
+                let admin_addr = l.local_addr()?;
+                let active = plugins.clone();
+                let state = Arc::new(AdminState {
+                    metrics: metrics.clone(),
+                    queue,
+                    store: config.store.path.clone().map(|p| (p, config.store.clone())),
+                    token: config.admin.token.clone(),
+                    plugins: Arc::new(move || active.get().map(|s| s.names()).unwrap_or_default()),
+                });
+                tracing::info!(%admin_addr, "admin endpoints listening");
+                let task = tokio::spawn(admin::serve(l, state, stop.clone().cancelled_owned()));
+                (Some(task), Some(admin_addr))
+            }
+            None => (None, None),
+        };
         let server = tokio::spawn(proxy::serve(
             listener,
             proxy,
@@ -76,6 +113,10 @@ impl Service {
         );
         Ok(Service {
             addr,
+            admin_addr,
+            metrics,
+            store,
+            admin,
             config,
             workers,
             plugins,
@@ -114,6 +155,14 @@ impl Service {
         self.server.await.context("proxy task")??;
         if let Some(w) = &self.workers {
             w.shutdown(self.config.shutdown_timeout).await;
+        }
+        drop(self.workers);
+        if let Some(store) = self.store {
+            // Writes everything the workers handed over, then stops.
+            tokio::task::spawn_blocking(move || store.close()).await?;
+        }
+        if let Some(admin) = self.admin {
+            admin.await.context("admin task")??;
         }
         Ok(())
     }

@@ -4,6 +4,11 @@
 //! context. llama-server reports the raw (pre-grammar) distribution and the forced token's own
 //! logprob over the full vocabulary. Should the candidate ever emit something else, the
 //! positions before that are kept and [`chunked`](super::chunked) takes over from there.
+//!
+//! End-of-generation tokens cannot be named in the grammar (llama-server fails the request:
+//! "Unexpected empty grammar stack after accepting piece"), so a final EOS (the last token,
+//! empty text) is left out of it: once the grammar is complete only end-of-generation tokens
+//! are allowed, and the candidate decodes the EOS position like any other.
 
 use super::{
     answer::Completion, chunked, CandidateScorer, ScoreError, Slot, Work, FORCED_MAX_TOKENS,
@@ -33,13 +38,30 @@ pub(crate) async fn run(
         let mut context = Vec::with_capacity(prompt.len() + start);
         context.extend_from_slice(prompt);
         context.extend_from_slice(&work.ids[..start]);
-        let g = grammar(&work.ids[start..end]);
+        let grammar_end = if end == n && ends_with_eog(work) {
+            end - 1
+        } else {
+            end
+        };
+        if grammar_end == start {
+            // Only the EOS is left: nothing to force.
+            return chunked::run(scorer, work, prompt, start).await;
+        }
+        let g = grammar(&work.ids[start..grammar_end]);
         let answer = match scorer
             .complete(&context, end - start, scorer.n_probs, Some(&g))
             .await
         {
             Ok(a) => a,
-            Err(e) => return work.stop_or_fail(e, start),
+            Err(e @ (ScoreError::BadAnswer(_) | ScoreError::Unsupported(_))) => {
+                tracing::warn!(
+                    position = start,
+                    error = %e,
+                    "forced request refused; continuing chunked"
+                );
+                return chunked::run(scorer, work, prompt, start).await;
+            }
+            Err(e) => return Err(e),
         };
         let request = work.count_request(answer.tokens_predicted);
         if answer.tokens_evaluated != context.len() as u64 {
@@ -63,6 +85,20 @@ pub(crate) async fn run(
         start = end;
     }
     Ok(())
+}
+
+/// Whether the main response ends on an end-of-generation token: its last token has no text
+/// (llama-server renders EOS/EOT as "") and generation stopped.
+fn ends_with_eog(work: &Work<'_>) -> bool {
+    let Some(last) = work.main.tokens.last() else {
+        return false;
+    };
+    let empty = last.text.is_empty() && last.bytes.as_ref().is_none_or(|b| b.is_empty());
+    let stopped = match work.main.finish_reason.as_deref() {
+        Some("length") | Some("limit") => false,
+        _ => true,
+    };
+    empty && stopped
 }
 
 /// Records the leading positions of `answer` whose token is the main's; returns how many.
@@ -108,6 +144,6 @@ fn take_forced(
 mod tests {
     #[test]
     fn grammar_lists_the_ids() {
-        assert_eq!(super::grammar(&[788, 2]), "root ::= <[788]> <[2]>");
+        assert_eq!(super::grammar(&[788, 253]), "root ::= <[788]> <[253]>");
     }
 }

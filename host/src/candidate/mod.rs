@@ -321,8 +321,10 @@ impl CandidateScorer {
             )));
         }
         let top = &free.steps[0].top;
-        let Some(second) = top.get(1) else {
-            return Ok(Ok(Err("the top list has fewer than 2 entries".into())));
+        // Force a token the candidate would not pick (never an end-of-generation token: those
+        // have no text and cannot be named in a grammar).
+        let Some(second) = top.iter().skip(1).find(|t| !t.text.is_empty()) else {
+            return Ok(Ok(Err("the top list has no second token with text".into())));
         };
         let grammar = forced::grammar(&[second.id]);
         let forced = match self.complete(&ids, 1, n_probs, Some(&grammar)).await {

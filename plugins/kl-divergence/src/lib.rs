@@ -137,9 +137,46 @@ impl Guest for KlDivergence {
 /// Buffers reused from position to position.
 #[derive(Default)]
 struct Scratch {
-    /// (p, q) of each token known under both models.
-    both: Vec<(f64, f64)>,
+    /// Probabilities of the candidate's top-N entries, in list order.
+    q_top: Vec<f64>,
+    /// The tokens known under both models.
+    both: Vec<Pair>,
+    /// `(p, ln p)` of P's listed tokens whose candidate probability is unknown.
+    p_unknown: Vec<(f64, f64)>,
 }
+
+/// A token known under both models: its probabilities and logprobs (kept, so `ln(p/q)` is a
+/// subtraction: transcendental functions are the plugin's main cost).
+#[derive(Debug, Clone, Copy)]
+pub struct Pair {
+    pub p: f64,
+    pub lp: f64,
+    pub q: f64,
+    pub lq: f64,
+}
+
+impl Pair {
+    fn new(lp: f64, lq: f64) -> Pair {
+        Pair {
+            p: lp.exp(),
+            lp,
+            q: lq.exp(),
+            lq,
+        }
+    }
+
+    /// `p ln(p/q)`, q floored so a zero (logprob -inf) does not give infinity.
+    fn term(&self) -> f64 {
+        if self.p <= 0.0 {
+            0.0
+        } else {
+            self.p * (self.lp - self.lq.max(LN_Q_FLOOR))
+        }
+    }
+}
+
+/// `ln(Q_FLOOR)`.
+const LN_Q_FLOOR: f64 = -69.07755278982137;
 
 /// `[kld, kld_estimate, same_top, delta_p, nll_main, nll_candidate]` at an aligned position.
 fn position_values(p: &Position, scratch: &mut Scratch) -> [f64; 6] {
@@ -150,26 +187,42 @@ fn position_values(p: &Position, scratch: &mut Scratch) -> [f64; 6] {
         .or_else(|| find(&p.candidate_top, p.main.id))
         .map(f64::from);
 
-    // S: tokens known under both. The top lists hold distinct ids, so pairing P's entries
-    // with Q's is a join; N is small (10-100), so a nested scan beats hashing.
-    let both = &mut scratch.both;
-    both.clear();
+    scratch.q_top.clear();
+    scratch
+        .q_top
+        .extend(p.candidate_top.iter().map(|t| prob(t.logprob)));
+
+    // S: tokens known under both. The top lists hold distinct ids and N is small (10-100),
+    // so a nested scan beats hashing.
+    scratch.both.clear();
+    scratch.p_unknown.clear();
     let mut main_in_s = false;
     for t in &p.main_top {
-        if let Some(q) = find(&p.candidate_top, t.id) {
-            both.push((prob(t.logprob), prob(q)));
-            main_in_s |= t.id == p.main.id;
+        let lp = f64::from(t.logprob);
+        match p.candidate_top.iter().position(|c| c.id == t.id) {
+            Some(j) => {
+                let lq = f64::from(p.candidate_top[j].logprob);
+                scratch.both.push(Pair {
+                    p: lp.exp(),
+                    lp,
+                    q: scratch.q_top[j],
+                    lq,
+                });
+                main_in_s |= t.id == p.main.id;
+            }
+            None if t.id == p.main.id && cand_lp.is_some() => {}
+            None => scratch.p_unknown.push((lp.exp(), lp)),
         }
     }
     if !main_in_s {
-        if let Some(q) = cand_lp {
+        if let Some(lq) = cand_lp {
             // P's probability of its own token is always known (main.logprob).
-            let pm = find(&p.main_top, p.main.id).map_or(main_lp.exp(), prob);
-            both.push((pm, q.exp()));
+            let lp = find(&p.main_top, p.main.id).map_or(main_lp, f64::from);
+            scratch.both.push(Pair::new(lp, lq));
         }
     }
-    let kld = kl_lower_bound(both);
-    let kld_estimate = kl_estimate(p, both);
+    let kld = kl_lower_bound(&scratch.both);
+    let kld_estimate = kl_estimate(p, cand_lp, scratch);
 
     let same_top = match (p.main_top.first(), p.candidate_top.first()) {
         (Some(a), Some(b)) => f64::from(u8::from(a.id == b.id)),
@@ -197,8 +250,9 @@ fn prob(logprob: f32) -> f64 {
     f64::from(logprob).exp()
 }
 
-/// `p ln(p/q)`, 0 when p is 0 (its limit), q floored so a 0 does not give infinity.
-fn plogpq(p: f64, q: f64) -> f64 {
+/// `p ln(p/q)` for the lumped rest masses: 0 when p is 0 (its limit), q floored so a 0 does
+/// not give infinity.
+fn rest_term(p: f64, q: f64) -> f64 {
     if p <= 0.0 {
         0.0
     } else {
@@ -206,25 +260,25 @@ fn plogpq(p: f64, q: f64) -> f64 {
     }
 }
 
-/// The exact lower bound from the pairs `(p, q)` known under both models, the rest lumped into
-/// one outcome. NaN when nothing is known under both.
+/// The exact lower bound from the tokens known under both models, the rest lumped into one
+/// outcome. NaN when nothing is known under both.
 ///
 /// The reported probabilities come rounded (f32 logprobs), so `Σ p` or `Σ q` may exceed 1 by
 /// float noise: the rest masses are clamped to `[0, 1]`, and the result (never negative in exact
 /// arithmetic, by the log-sum inequality) is clamped at 0.
-pub fn kl_lower_bound(both: &[(f64, f64)]) -> f64 {
+pub fn kl_lower_bound(both: &[Pair]) -> f64 {
     if both.is_empty() {
         return f64::NAN;
     }
     let (mut sp, mut sq, mut kl) = (0.0, 0.0, 0.0);
-    for &(p, q) in both {
-        sp += p;
-        sq += q;
-        kl += plogpq(p, q);
+    for pair in both {
+        sp += pair.p;
+        sq += pair.q;
+        kl += pair.term();
     }
     let p_r = (1.0 - sp).clamp(0.0, 1.0);
     let q_r = (1.0 - sq).clamp(0.0, 1.0);
-    (kl + plogpq(p_r, q_r)).max(0.0)
+    (kl + rest_term(p_r, q_r)).max(0.0)
 }
 
 /// An estimate of KL(P‖Q) that keeps P's listed tokens apart instead of lumping them.
@@ -238,44 +292,38 @@ pub fn kl_lower_bound(both: &[(f64, f64)]) -> f64 {
 /// the result. It is usually much closer to the full-vocabulary value than `kld` when the two
 /// top lists differ, and equals `kld` when every token of P's top-N is known under Q.
 /// NaN when Q's top list is empty (no cut-off to assume).
-pub fn kl_estimate(p: &Position, both: &[(f64, f64)]) -> f64 {
-    let Some(q_min) = p.candidate_top.last().map(|t| prob(t.logprob)) else {
+fn kl_estimate(p: &Position, cand_lp: Option<f64>, s: &Scratch) -> f64 {
+    let Some(&q_min) = s.q_top.last() else {
         return f64::NAN;
     };
     let (mut sp, mut sq, mut kl) = (0.0, 0.0, 0.0);
-    for &(pp, qq) in both {
-        sp += pp;
-        sq += qq;
-        kl += plogpq(pp, qq);
+    for pair in &s.both {
+        sp += pair.p;
+        sq += pair.q;
+        kl += pair.term();
     }
-    // P's listed tokens without a known q.
-    let (mut k, mut p_unknown) = (0u32, Vec::new());
-    for t in &p.main_top {
-        if find(&p.candidate_top, t.id).is_none() && !(t.id == p.main.id && p.candidate.is_some()) {
-            k += 1;
-            p_unknown.push(prob(t.logprob));
+    if !s.p_unknown.is_empty() {
+        // Q's mass outside its listed tokens and the main token: what the unknown tokens share.
+        let mut q_listed: f64 = s.q_top.iter().sum();
+        if let Some(lq) = cand_lp {
+            if find(&p.candidate_top, p.main.id).is_none() {
+                q_listed += lq.exp();
+            }
         }
-    }
-    // Q's mass outside its listed tokens and the main token: what the unknown tokens can share.
-    let q_listed: f64 = p.candidate_top.iter().map(|t| prob(t.logprob)).sum::<f64>()
-        + match p.candidate {
-            Some(q) if find(&p.candidate_top, p.main.id).is_none() => f64::from(q).exp(),
-            _ => 0.0,
-        };
-    let q_unlisted = (1.0 - q_listed).clamp(0.0, 1.0);
-    let q_each = if k == 0 {
-        0.0
-    } else {
-        q_min.min(q_unlisted / f64::from(k))
-    };
-    for pp in p_unknown {
-        sp += pp;
-        sq += q_each;
-        kl += plogpq(pp, q_each);
+        let q_unlisted = (1.0 - q_listed).clamp(0.0, 1.0);
+        let q_each = q_min.min(q_unlisted / s.p_unknown.len() as f64);
+        let lq_each = q_each.max(Q_FLOOR).ln();
+        for &(pp, lp) in &s.p_unknown {
+            sp += pp;
+            sq += q_each;
+            if pp > 0.0 {
+                kl += pp * (lp - lq_each);
+            }
+        }
     }
     let p_r = (1.0 - sp).clamp(0.0, 1.0);
     let q_r = (1.0 - sq).clamp(0.0, 1.0);
-    (kl + plogpq(p_r, q_r)).max(0.0)
+    (kl + rest_term(p_r, q_r)).max(0.0)
 }
 
 export!(KlDivergence);
