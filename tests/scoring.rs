@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::LlamaServer;
@@ -18,14 +17,11 @@ use kl_proxy::record::{AlignedRecord, Endpoint, MainResponse, PositionStatus, St
 use kl_proxy::upstream::Upstream;
 use serde_json::{json, Value};
 
-/// Serialises the tests that start servers.
-static SERVERS: Mutex<()> = Mutex::new(());
+/// Serialises the tests that start servers (a tokio mutex: it is held across awaits, and
+/// works across the tests' separate runtimes).
+static SERVERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const N_PROBS: u32 = 10;
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    SERVERS.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn client(server: &LlamaServer) -> Upstream {
     Upstream::new(
@@ -237,16 +233,13 @@ fn check_record(r: &AlignedRecord, m: &MainResponse, candidate_model: &str) {
             "",
             "the stopped response ends on EOS"
         );
-        assert!(
-            last.candidate.is_some(),
-            "EOS position scored: {last:?}"
-        );
+        assert!(last.candidate.is_some(), "EOS position scored: {last:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_and_chunked_cover_every_position_and_match_one_token_requests() {
-    let _guard = lock();
+    let _guard = SERVERS.lock().await;
     let main = LlamaServer::start(common::model("q4_1"));
     let mains = main_responses(&main).await;
     drop(main);
@@ -273,7 +266,10 @@ async fn forced_and_chunked_cover_every_position_and_match_one_token_requests() 
         // Forced: one request, one decoded token per main token, the candidate's logprob of
         // every main token known.
         assert_eq!(f.strategy, Strategy::Forced);
-        assert_eq!(f.candidate_requests, 1, "one request forces the whole response");
+        assert_eq!(
+            f.candidate_requests, 1,
+            "one request forces the whole response"
+        );
         assert_eq!(f.candidate_tokens_decoded as usize, f.positions.len());
         assert!(f.positions.iter().all(|p| p.candidate.is_some()));
         assert_eq!(c.strategy, Strategy::Chunked);
@@ -283,7 +279,11 @@ async fn forced_and_chunked_cover_every_position_and_match_one_token_requests() 
         // candidate's logprob of the main token, they agree.
         for (pf, pc) in f.positions.iter().zip(&c.positions) {
             if let (Some(a), Some(b)) = (pf.candidate, pc.candidate) {
-                assert!((a - b).abs() < 1e-3, "position {}: forced {a} chunked {b}", pf.index);
+                assert!(
+                    (a - b).abs() < 1e-3,
+                    "position {}: forced {a} chunked {b}",
+                    pf.index
+                );
             }
             assert_eq!(
                 pf.candidate_top.first().map(|t| t.id),
@@ -322,7 +322,7 @@ async fn forced_and_chunked_cover_every_position_and_match_one_token_requests() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_close_candidate_agrees_more_than_the_far_one() {
-    let _guard = lock();
+    let _guard = SERVERS.lock().await;
     let main = LlamaServer::start(common::model("q4_1"));
     let mains = main_responses(&main).await;
     drop(main);
@@ -354,7 +354,7 @@ async fn the_close_candidate_agrees_more_than_the_far_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_strategy_lines_up_by_text() {
-    let _guard = lock();
+    let _guard = SERVERS.lock().await;
     let main = LlamaServer::start(common::model("q4_1"));
     let mains: Vec<MainResponse> = main_responses(&main)
         .await
@@ -370,7 +370,8 @@ async fn chat_strategy_lines_up_by_text() {
     let forced = scorer(&cand, StrategyChoice::Forced);
     let (forced_records, _) = score_all(&forced, &mains).await;
 
-    let (mut aligned, mut close, mut total) = (0, 0, 0);
+    let (mut aligned, mut both, mut close, mut total) = (0, 0, 0, 0);
+    let mut far: Vec<(u32, f32, f32)> = Vec::new();
     for ((c, f), m) in chat_records.iter().zip(&forced_records).zip(&mains) {
         assert_eq!(c.strategy, Strategy::Chat);
         assert_eq!(c.positions.len(), m.tokens.len());
@@ -381,16 +382,27 @@ async fn chat_strategy_lines_up_by_text() {
             if pc.status == PositionStatus::Aligned {
                 aligned += 1;
                 if let (Some(a), Some(b)) = (pc.candidate, pf.candidate) {
+                    both += 1;
                     if (a - b).abs() < 1e-2 {
                         close += 1;
+                    } else {
+                        far.push((pc.index, a, b));
                     }
                 }
             }
         }
     }
-    println!("chat: {aligned}/{total} aligned, {close} with the forced logprob");
-    assert!(aligned * 10 >= total * 8, "most positions line up: {aligned}/{total}");
-    assert!(close * 10 >= aligned * 9, "aligned positions see the forced distribution: {close}/{aligned}");
+    println!(
+        "chat: {aligned}/{total} aligned, candidate logprob known at {both}, {close} of them equal to forced's; others (index, chat, forced): {far:?}"
+    );
+    assert!(
+        aligned * 10 >= total * 8,
+        "most positions line up: {aligned}/{total}"
+    );
+    assert!(
+        close * 10 >= aligned * 9,
+        "aligned positions see the forced distribution: {close}/{aligned}"
+    );
 
     // The chat API cannot score a raw-prompt completion.
     let raw = MainResponse {
@@ -403,8 +415,8 @@ async fn chat_strategy_lines_up_by_text() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn speculative_rows_are_marked_and_a_prompt_mismatch_names_both_counts() {
-    let _guard = lock();
+async fn speculative_rows_prompt_mismatch_split_forcing_and_refused_forcing() {
+    let _guard = SERVERS.lock().await;
     let main = LlamaServer::start(common::model("q4_1"));
     let mains = main_responses(&main).await;
     drop(main);
@@ -436,6 +448,36 @@ async fn speculative_rows_are_marked_and_a_prompt_mismatch_names_both_counts() {
     assert_eq!(r.positions[2].status, PositionStatus::Speculative);
     assert_eq!(r.aligned().count(), r.positions.len() - 1);
     assert_eq!(r.candidate_requests, 1);
+    let whole = forced.score(&mains[1]).await.unwrap();
+
+    // A long response is forced in several requests, each continuing the cached prefix: the
+    // numbers are those of the single request.
+    let split = CandidateScorer::with_upstream(client(&cand), N_PROBS, 8, StrategyChoice::Forced)
+        .with_forced_max_tokens(16);
+    let r = split.score(&mains[1]).await.unwrap();
+    let n = mains[1].tokens.len();
+    assert_eq!(r.candidate_requests as usize, n.div_ceil(16));
+    assert_eq!(r.candidate_tokens_decoded as usize, n);
+    assert_eq!(r.strategy, Strategy::Forced);
+    for (a, b) in r.positions.iter().zip(&whole.positions) {
+        assert_eq!(a.status, PositionStatus::Aligned);
+        let (x, y) = (a.candidate.unwrap(), b.candidate.unwrap());
+        assert!((x - y).abs() < 1e-3, "position {}: {x} vs {y}", a.index);
+    }
+
+    // A token the grammar cannot name (an end-of-generation token where generation did not
+    // stop) makes llama-server refuse the forced request: the scorer falls back to chunked
+    // and still covers every position.
+    let mut odd = mains[1].clone();
+    odd.finish_reason = Some("length".into());
+    let last = odd.tokens.last_mut().unwrap();
+    last.id = 2;
+    last.text = String::new();
+    last.bytes = Some(Vec::new());
+    let r = forced.score(&odd).await.unwrap();
+    assert_eq!(r.strategy, Strategy::Chunked);
+    assert_eq!(r.coverage(), 1.0);
+    assert!(r.candidate_requests > 1);
 }
 
 #[tokio::test]

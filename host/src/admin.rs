@@ -34,13 +34,25 @@ pub struct AdminState {
     pub plugins: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
 }
 
-fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<ProxyBody> {
-    let mut r = Response::new(Full::new(body.into()).map_err(|e| match e {}).boxed_unsync());
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
     r
 }
 
@@ -63,14 +75,18 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 impl AdminState {
     fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let Some(token) = &self.token else { return true };
+        let Some(token) = &self.token else {
+            return true;
+        };
         let bearer = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         let query = query_param(req.uri().query(), "token");
-        bearer.or(query).is_some_and(|t| same(t.as_bytes(), token.as_bytes()))
+        bearer
+            .or(query)
+            .is_some_and(|t| same(t.as_bytes(), token.as_bytes()))
     }
 
     async fn with_store<T: Send + 'static>(
@@ -78,35 +94,76 @@ impl AdminState {
         f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
     ) -> Result<T, Response<ProxyBody>> {
         let Some((path, config)) = self.store.clone() else {
-            return Err(json_error(StatusCode::NOT_FOUND, "not_found", "no_store", "no store is configured (store.path)"));
+            return Err(json_error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no_store",
+                "no store is configured (store.path)",
+            ));
         };
         tokio::task::spawn_blocking(move || Store::open(&path, config).and_then(|s| f(&s)))
             .await
-            .map_err(|e| json_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "store", &e.to_string()))?
-            .map_err(|e| json_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "store", &e.to_string()))
+            .map_err(|e| {
+                json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "store",
+                    &e.to_string(),
+                )
+            })?
+            .map_err(|e| {
+                json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "store",
+                    &e.to_string(),
+                )
+            })
     }
 
     /// Answers one admin request.
     pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
         if !self.authorized(&req) {
-            let mut r = json_error(StatusCode::UNAUTHORIZED, "auth_error", "unauthorized", "admin token required");
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            let mut r = json_error(
+                StatusCode::UNAUTHORIZED,
+                "auth_error",
+                "unauthorized",
+                "admin token required",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
             return Ok(r);
         }
         if req.method() != Method::GET {
-            return Ok(json_error(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method", "only GET"));
+            return Ok(json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method",
+                "only GET",
+            ));
         }
         let path = req.uri().path().to_owned();
         let query = req.uri().query().map(str::to_owned);
         let resp = match path.as_str() {
             "/metrics" => {
                 let queue = self.queue.as_ref().map(|q| (q.stats().as_ref(), q.depth()));
-                respond(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render(queue))
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.metrics.render(queue),
+                )
             }
             "/api/summary" => {
-                let since = query_param(query.as_deref(), "since_ms").and_then(|s| s.parse().ok()).unwrap_or(0);
+                let since = query_param(query.as_deref(), "since_ms")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
                 match self
-                    .with_store(move |s| s.report_input(since).map(|i| crate::stats::build_report(&i)))
+                    .with_store(move |s| {
+                        s.report_input(since)
+                            .map(|i| crate::stats::build_report(&i))
+                    })
                     .await
                 {
                     Ok(report) => {
@@ -128,10 +185,17 @@ impl AdminState {
                 }
             }
             "/api/comparisons" => {
-                let limit = query_param(query.as_deref(), "limit").and_then(|s| s.parse().ok()).unwrap_or(50u32).min(1000);
-                let offset = query_param(query.as_deref(), "offset").and_then(|s| s.parse().ok()).unwrap_or(0u32);
+                let limit = query_param(query.as_deref(), "limit")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(50u32)
+                    .min(1000);
+                let offset = query_param(query.as_deref(), "offset")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0u32);
                 match self.with_store(move |s| s.list(limit, offset)).await {
-                    Ok(list) => json_ok(&json!({"comparisons": list, "limit": limit, "offset": offset})),
+                    Ok(list) => {
+                        json_ok(&json!({"comparisons": list, "limit": limit, "offset": offset}))
+                    }
                     Err(r) => r,
                 }
             }
@@ -139,11 +203,21 @@ impl AdminState {
                 let id = p.trim_start_matches("/api/comparisons/").to_owned();
                 match self.with_store(move |s| s.get(&id)).await {
                     Ok(Some(v)) => json_ok(&v),
-                    Ok(None) => json_error(StatusCode::NOT_FOUND, "not_found", "no_such_comparison", "no comparison with that id"),
+                    Ok(None) => json_error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        "no_such_comparison",
+                        "no comparison with that id",
+                    ),
                     Err(r) => r,
                 }
             }
-            _ => json_error(StatusCode::NOT_FOUND, "not_found", "not_found", "no such admin endpoint"),
+            _ => json_error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "not_found",
+                "no such admin endpoint",
+            ),
         };
         Ok(resp)
     }
@@ -171,7 +245,11 @@ pub async fn serve(
             let state = state.clone();
             async move { state.handle(req).await }
         });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
         tokio::spawn(async move {
             let _ = conn.await;
         });

@@ -443,16 +443,26 @@ impl RawConfig {
         let admin = self.admin.unwrap_or_default();
         let admin_listen = match admin.listen.as_deref() {
             Some("") => None,
-            a => Some(a.unwrap_or("127.0.0.1:8089").parse::<SocketAddr>().map_err(|_| {
-                invalid("admin.listen", "must be an address such as 127.0.0.1:8089".into())
-            })?),
+            a => Some(
+                a.unwrap_or("127.0.0.1:8089")
+                    .parse::<SocketAddr>()
+                    .map_err(|_| {
+                        invalid(
+                            "admin.listen",
+                            "must be an address such as 127.0.0.1:8089".into(),
+                        )
+                    })?,
+            ),
         };
         if admin.token.as_deref() == Some("") {
-            return Err(invalid("admin.token", "must not be empty (leave it out instead)".into()));
+            return Err(invalid(
+                "admin.token",
+                "must not be empty (leave it out instead)".into(),
+            ));
         }
-        let histogram_buckets = self.histogram_buckets.unwrap_or_else(|| {
-            vec![1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
-        });
+        let histogram_buckets = self
+            .histogram_buckets
+            .unwrap_or_else(|| vec![1e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]);
         if histogram_buckets.is_empty()
             || histogram_buckets.windows(2).any(|w| w[0] >= w[1])
             || histogram_buckets.iter().any(|b| !b.is_finite())

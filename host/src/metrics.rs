@@ -49,8 +49,16 @@ impl Histogram {
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
         }
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
         let _ = writeln!(out, "{name}_count{braces} {}", self.count);
     }
@@ -96,7 +104,13 @@ pub fn endpoint_label(method: &http::Method, path: &str) -> &'static str {
 /// Metric names allow `[a-zA-Z0-9_]`; anything else becomes `_`.
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -133,8 +147,10 @@ impl Metrics {
         }
         self.candidate_requests
             .fetch_add(u64::from(record.candidate_requests), Ordering::Relaxed);
-        self.candidate_tokens
-            .fetch_add(u64::from(record.candidate_tokens_decoded), Ordering::Relaxed);
+        self.candidate_tokens.fetch_add(
+            u64::from(record.candidate_tokens_decoded),
+            Ordering::Relaxed,
+        );
         self.positions_scored
             .fetch_add(record.positions.len() as u64, Ordering::Relaxed);
         self.positions_aligned
@@ -159,7 +175,9 @@ impl Metrics {
                     }
                     MetricValue::PerPosition(values) => {
                         if let Ok(mut s) = self.series.lock() {
-                            let h = s.entry(key).or_insert_with(|| Histogram::new(&self.buckets));
+                            let h = s
+                                .entry(key)
+                                .or_insert_with(|| Histogram::new(&self.buckets));
                             for (v, pos) in values.iter().zip(&record.positions) {
                                 if pos.status == PositionStatus::Aligned {
                                     h.observe(*v);
@@ -176,41 +194,87 @@ impl Metrics {
     pub fn render(&self, queue: Option<(&QueueStats, usize)>) -> String {
         let mut out = String::with_capacity(4096);
         let o = &mut out;
-        let _ = writeln!(o, "# HELP klproxy_requests_total Requests proxied, by endpoint and status.");
+        let _ = writeln!(
+            o,
+            "# HELP klproxy_requests_total Requests proxied, by endpoint and status."
+        );
         let _ = writeln!(o, "# TYPE klproxy_requests_total counter");
         if let Ok(r) = self.requests.lock() {
             for ((e, s), n) in r.iter() {
-                let _ = writeln!(o, "klproxy_requests_total{{endpoint=\"{e}\",status=\"{s}\"}} {n}");
+                let _ = writeln!(
+                    o,
+                    "klproxy_requests_total{{endpoint=\"{e}\",status=\"{s}\"}} {n}"
+                );
             }
         }
         if let Some((q, depth)) = queue {
-            let _ = writeln!(o, "# HELP klproxy_comparisons_total Comparisons by outcome.");
+            let _ = writeln!(
+                o,
+                "# HELP klproxy_comparisons_total Comparisons by outcome."
+            );
             let _ = writeln!(o, "# TYPE klproxy_comparisons_total counter");
-            let _ = writeln!(o, "klproxy_comparisons_total{{status=\"ok\",reason=\"\"}} {}", q.ok.load(Ordering::Acquire));
+            let _ = writeln!(
+                o,
+                "klproxy_comparisons_total{{status=\"ok\",reason=\"\"}} {}",
+                q.ok.load(Ordering::Acquire)
+            );
             if let Ok(f) = q.failures.lock() {
                 for (reason, n) in f.iter() {
-                    let _ = writeln!(o, "klproxy_comparisons_total{{status=\"failed\",reason=\"{reason}\"}} {n}");
+                    let _ = writeln!(
+                        o,
+                        "klproxy_comparisons_total{{status=\"failed\",reason=\"{reason}\"}} {n}"
+                    );
                 }
             }
-            let _ = writeln!(o, "klproxy_comparisons_total{{status=\"dropped\",reason=\"\"}} {}", q.dropped.load(Ordering::Acquire));
+            let _ = writeln!(
+                o,
+                "klproxy_comparisons_total{{status=\"dropped\",reason=\"\"}} {}",
+                q.dropped.load(Ordering::Acquire)
+            );
             let _ = writeln!(o, "# HELP klproxy_queue_depth Comparison jobs waiting.");
             let _ = writeln!(o, "# TYPE klproxy_queue_depth gauge");
             let _ = writeln!(o, "klproxy_queue_depth {depth}");
-            let _ = writeln!(o, "# HELP klproxy_comparisons_in_flight Comparisons being scored.");
+            let _ = writeln!(
+                o,
+                "# HELP klproxy_comparisons_in_flight Comparisons being scored."
+            );
             let _ = writeln!(o, "# TYPE klproxy_comparisons_in_flight gauge");
-            let _ = writeln!(o, "klproxy_comparisons_in_flight {}", q.in_flight.load(Ordering::Acquire));
+            let _ = writeln!(
+                o,
+                "klproxy_comparisons_in_flight {}",
+                q.in_flight.load(Ordering::Acquire)
+            );
         }
         for (name, help, v) in [
-            ("klproxy_candidate_requests_total", "Requests sent to the candidate.", &self.candidate_requests),
-            ("klproxy_candidate_tokens_total", "Tokens the candidate decoded.", &self.candidate_tokens),
-            ("klproxy_positions_scored_total", "Main-response positions scored.", &self.positions_scored),
-            ("klproxy_positions_aligned_total", "Positions whose distributions were compared.", &self.positions_aligned),
+            (
+                "klproxy_candidate_requests_total",
+                "Requests sent to the candidate.",
+                &self.candidate_requests,
+            ),
+            (
+                "klproxy_candidate_tokens_total",
+                "Tokens the candidate decoded.",
+                &self.candidate_tokens,
+            ),
+            (
+                "klproxy_positions_scored_total",
+                "Main-response positions scored.",
+                &self.positions_scored,
+            ),
+            (
+                "klproxy_positions_aligned_total",
+                "Positions whose distributions were compared.",
+                &self.positions_aligned,
+            ),
         ] {
             let _ = writeln!(o, "# HELP {name} {help}");
             let _ = writeln!(o, "# TYPE {name} counter");
             let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
         }
-        let _ = writeln!(o, "# HELP klproxy_candidate_seconds Candidate time per comparison.");
+        let _ = writeln!(
+            o,
+            "# HELP klproxy_candidate_seconds Candidate time per comparison."
+        );
         let _ = writeln!(o, "# TYPE klproxy_candidate_seconds histogram");
         if let Ok(h) = self.candidate_seconds.lock() {
             h.render(o, "klproxy_candidate_seconds", "");
@@ -219,25 +283,42 @@ impl Metrics {
             let _ = writeln!(o, "# HELP klproxy_plugin_calls_total Plugin calls.");
             let _ = writeln!(o, "# TYPE klproxy_plugin_calls_total counter");
             for (name, c) in p.iter() {
-                let _ = writeln!(o, "klproxy_plugin_calls_total{{plugin=\"{name}\"}} {}", c.calls);
+                let _ = writeln!(
+                    o,
+                    "klproxy_plugin_calls_total{{plugin=\"{name}\"}} {}",
+                    c.calls
+                );
             }
-            let _ = writeln!(o, "# HELP klproxy_plugin_failures_total Failed plugin calls, by reason.");
+            let _ = writeln!(
+                o,
+                "# HELP klproxy_plugin_failures_total Failed plugin calls, by reason."
+            );
             let _ = writeln!(o, "# TYPE klproxy_plugin_failures_total counter");
             for (name, c) in p.iter() {
                 for (reason, n) in &c.failures {
                     let _ = writeln!(o, "klproxy_plugin_failures_total{{plugin=\"{name}\",reason=\"{reason}\"}} {n}");
                 }
             }
-            let _ = writeln!(o, "# HELP klproxy_plugin_seconds_total Time spent in plugin calls.");
+            let _ = writeln!(
+                o,
+                "# HELP klproxy_plugin_seconds_total Time spent in plugin calls."
+            );
             let _ = writeln!(o, "# TYPE klproxy_plugin_seconds_total counter");
             for (name, c) in p.iter() {
-                let _ = writeln!(o, "klproxy_plugin_seconds_total{{plugin=\"{name}\"}} {}", c.seconds);
+                let _ = writeln!(
+                    o,
+                    "klproxy_plugin_seconds_total{{plugin=\"{name}\"}} {}",
+                    c.seconds
+                );
             }
         }
         if let Ok(s) = self.scalars.lock() {
             for ((plugin, metric), v) in s.iter() {
                 let name = format!("klproxy_plugin_{}_{}", sanitize(plugin), sanitize(metric));
-                let _ = writeln!(o, "# HELP {name} Last value of {plugin}'s scalar `{metric}`.");
+                let _ = writeln!(
+                    o,
+                    "# HELP {name} Last value of {plugin}'s scalar `{metric}`."
+                );
                 let _ = writeln!(o, "# TYPE {name} gauge");
                 let _ = writeln!(o, "{name} {v}");
             }
@@ -245,7 +326,10 @@ impl Metrics {
         if let Ok(s) = self.series.lock() {
             for ((plugin, metric), h) in s.iter() {
                 let name = format!("klproxy_plugin_{}_{}", sanitize(plugin), sanitize(metric));
-                let _ = writeln!(o, "# HELP {name} {plugin}'s per-position `{metric}` over aligned positions.");
+                let _ = writeln!(
+                    o,
+                    "# HELP {name} {plugin}'s per-position `{metric}` over aligned positions."
+                );
                 let _ = writeln!(o, "# TYPE {name} histogram");
                 h.render(o, &name, "");
             }

@@ -12,12 +12,12 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, AdminState};
 use crate::candidate::CandidateScorer;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::plugins::{PluginHost, PluginLimits, PluginSet};
 use crate::proxy::{self, Proxy};
-use crate::admin::{self, AdminState};
-use crate::metrics::Metrics;
 use crate::queue::{ActivePlugins, ComparisonOutcome, ComparisonWorkers, OutcomeSinks, QueueStats};
 use crate::store::StoreWriter;
 
@@ -78,7 +78,11 @@ impl Service {
             None
         };
         let queue = workers.as_ref().map(ComparisonWorkers::queue);
-        let proxy = Arc::new(Proxy::new(config.clone(), queue.clone(), Some(metrics.clone())));
+        let proxy = Arc::new(Proxy::new(
+            config.clone(),
+            queue.clone(),
+            Some(metrics.clone()),
+        ));
         let stop = CancellationToken::new();
         let (admin, admin_addr) = match config.admin.listen {
             Some(at) => {

@@ -136,7 +136,7 @@ fn percentile(sorted: &[f64], fraction: f64) -> f64 {
 /// llama.cpp's median: the middle value, or the mean of the two middle values.
 fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         0.5 * (sorted[n / 2] + sorted[n / 2 - 1])
     } else {
         sorted[n / 2]
@@ -413,14 +413,26 @@ impl fmt::Display for Report {
             write!(f, " ({})", reasons.join(", "))?;
         }
         writeln!(f)?;
-        writeln!(f, "Dropped                       : {}", self.comparisons_dropped)?;
+        writeln!(
+            f,
+            "Dropped                       : {}",
+            self.comparisons_dropped
+        )?;
         writeln!(f, "Positions                     : {}", self.positions)?;
-        writeln!(f, "Aligned positions             : {}", self.aligned_positions)?;
+        writeln!(
+            f,
+            "Aligned positions             : {}",
+            self.aligned_positions
+        )?;
 
         if let (Some((lr, lr_err)), Some(p)) = (self.ln_ppl_ratio, &self.perplexity) {
             let src = self.sources.get("nll").map(String::as_str).unwrap_or("");
             writeln!(f)?;
-            writeln!(f, "====== Perplexity statistics ({src}, n = {}) ======", p.n)?;
+            writeln!(
+                f,
+                "====== Perplexity statistics ({src}, n = {}) ======",
+                p.n
+            )?;
             let (q, q_err) = p.ppl_candidate;
             let (b, b_err) = p.ppl_main;
             writeln!(f, "{:<33}: {q:10.6} ± {q_err:10.6}", "Mean PPL(candidate)")?;
@@ -430,7 +442,10 @@ impl fmt::Display for Report {
                 "Cor(ln(PPL(cand)), ln(PPL(main))): {:6.2}%",
                 100.0 * p.correlation
             )?;
-            writeln!(f, "Mean ln(PPL(candidate)/PPL(main)): {lr:10.6} ± {lr_err:10.6}")?;
+            writeln!(
+                f,
+                "Mean ln(PPL(candidate)/PPL(main)): {lr:10.6} ± {lr_err:10.6}"
+            )?;
             let ratio = lr.exp();
             writeln!(
                 f,
@@ -442,7 +457,11 @@ impl fmt::Display for Report {
         if let Some(k) = &self.kld {
             let src = self.sources.get(KLD).map(String::as_str).unwrap_or("");
             writeln!(f)?;
-            writeln!(f, "====== KL divergence statistics ({src}, n = {}) ======", k.n)?;
+            writeln!(
+                f,
+                "====== KL divergence statistics ({src}, n = {}) ======",
+                k.n
+            )?;
             writeln!(f, "Mean    KLD: {:10.6} ± {:10.6}", k.mean, k.mean_err)?;
             for (label, v) in [
                 ("Maximum", k.max),

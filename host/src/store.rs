@@ -108,8 +108,10 @@ impl Store {
         };
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL;")
-            .map_err(err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA synchronous=NORMAL;",
+        )
+        .map_err(err)?;
         let has_meta: bool = conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type='table' AND name='meta'",
@@ -179,7 +181,10 @@ impl Store {
         if let Some(age) = self.config.max_age {
             let cutoff = now_ms().saturating_sub(age.as_millis() as u64);
             self.conn
-                .execute("DELETE FROM comparisons WHERE time_ms < ?1", params![cutoff as i64])
+                .execute(
+                    "DELETE FROM comparisons WHERE time_ms < ?1",
+                    params![cutoff as i64],
+                )
                 .map_err(|e| self.err(e))?;
         }
         if let Some(max) = self.config.max_rows {
@@ -313,7 +318,8 @@ impl Store {
             )
             .optional()
             .map_err(|e| self.err(e))?;
-        let Some((status, reason, message, scalars, failures, request, record, time_ms)) = row else {
+        let Some((status, reason, message, scalars, failures, request, record, time_ms)) = row
+        else {
             return Ok(None);
         };
         let mut stmt = self
@@ -474,9 +480,7 @@ fn insert_one(
                         values.insert(name.clone(), json_number(*v));
                     }
                 }
-                let text = keep_text
-                    .then(|| texts.get(&p.main.id).copied())
-                    .flatten();
+                let text = keep_text.then(|| texts.get(&p.main.id).copied()).flatten();
                 stmt.execute(params![
                     record.id,
                     p.index,

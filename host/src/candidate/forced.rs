@@ -1,7 +1,7 @@
 //! The `forced` strategy: the main's tokens are forced on the candidate with a GBNF grammar of
 //! token ids (`root ::= <[id]> <[id]> ...`) in one `/completion` request per run of at most
-//! `FORCED_MAX_TOKENS` tokens, so every position is decoded exactly once, in the main's
-//! context. llama-server reports the raw (pre-grammar) distribution and the forced token's own
+//! [`FORCED_MAX_TOKENS`](super::FORCED_MAX_TOKENS) tokens (by default), so every position is
+//! decoded exactly once, in the main's context. llama-server reports the raw (pre-grammar) distribution and the forced token's own
 //! logprob over the full vocabulary. Should the candidate ever emit something else, the
 //! positions before that are kept and [`chunked`](super::chunked) takes over from there.
 //!
@@ -10,9 +10,7 @@
 //! empty text) is left out of it: once the grammar is complete only end-of-generation tokens
 //! are allowed, and the candidate decodes the EOS position like any other.
 
-use super::{
-    answer::Completion, chunked, CandidateScorer, ScoreError, Slot, Work, FORCED_MAX_TOKENS,
-};
+use super::{answer::Completion, chunked, CandidateScorer, ScoreError, Slot, Work};
 use crate::record::TopLogprob;
 
 /// A grammar that accepts exactly `ids`, in order.
@@ -34,7 +32,7 @@ pub(crate) async fn run(
     let n = work.len();
     let mut start = 0;
     while start < n {
-        let end = n.min(start + FORCED_MAX_TOKENS);
+        let end = n.min(start + scorer.forced_max_tokens);
         let mut context = Vec::with_capacity(prompt.len() + start);
         context.extend_from_slice(prompt);
         context.extend_from_slice(&work.ids[..start]);
@@ -94,10 +92,10 @@ fn ends_with_eog(work: &Work<'_>) -> bool {
         return false;
     };
     let empty = last.text.is_empty() && last.bytes.as_ref().is_none_or(|b| b.is_empty());
-    let stopped = match work.main.finish_reason.as_deref() {
-        Some("length") | Some("limit") => false,
-        _ => true,
-    };
+    let stopped = !matches!(
+        work.main.finish_reason.as_deref(),
+        Some("length") | Some("limit")
+    );
     empty && stopped
 }
 

@@ -91,8 +91,8 @@ pub struct StrategyReport {
     pub reason: String,
 }
 
-/// Longest run of tokens forced in one request (longer responses take several).
-const FORCED_MAX_TOKENS: usize = 1024;
+/// Longest run of tokens forced in one request by default (longer responses take several).
+pub const FORCED_MAX_TOKENS: usize = 1024;
 
 /// Scores main responses under the candidate; shared by the queue workers through an `Arc`.
 pub struct CandidateScorer {
@@ -104,6 +104,8 @@ pub struct CandidateScorer {
     max_tokens: u32,
     /// The strategy the config asks for.
     choice: StrategyChoice,
+    /// Longest run of tokens forced in one request.
+    forced_max_tokens: usize,
     /// The probe's result; empty until a probe succeeds (a failed probe is retried later).
     report: OnceCell<StrategyReport>,
 }
@@ -131,8 +133,16 @@ impl CandidateScorer {
             n_probs: n_probs.max(1),
             max_tokens: max_tokens.max(1),
             choice,
+            forced_max_tokens: FORCED_MAX_TOKENS,
             report: OnceCell::new(),
         }
+    }
+
+    /// Forces at most `n` tokens per request (default [`FORCED_MAX_TOKENS`]); a longer
+    /// response takes several requests, each continuing from the cached prefix.
+    pub fn with_forced_max_tokens(mut self, n: usize) -> Self {
+        self.forced_max_tokens = n.max(1);
+        self
     }
 
     /// The probe's result if one has succeeded.
