@@ -42,18 +42,18 @@ pub struct RawConfig {
     pub sample_rate: Option<f64>,
     pub queue_capacity: Option<usize>,
     pub candidate_concurrency: Option<usize>,
-    pub candidate_timeout: Option<DurationValue>,
-    pub target_timeout: Option<DurationValue>,
-    pub shutdown_timeout: Option<DurationValue>,
+    pub candidate_timeout: Option<serde_yaml::Value>,
+    pub target_timeout: Option<serde_yaml::Value>,
+    pub shutdown_timeout: Option<serde_yaml::Value>,
     pub strategy: Option<String>,
-    pub max_body_bytes: Option<ByteSize>,
+    pub max_body_bytes: Option<serde_yaml::Value>,
     pub max_capture_tokens: Option<usize>,
     pub candidate_api_key: Option<String>,
     pub candidate_headers: Option<BTreeMap<String, String>>,
     pub forward_client_auth_to_candidate: Option<bool>,
     pub plugins: Option<Vec<RawPlugin>>,
-    pub plugin_timeout: Option<DurationValue>,
-    pub plugin_memory_limit: Option<ByteSize>,
+    pub plugin_timeout: Option<serde_yaml::Value>,
+    pub plugin_memory_limit: Option<serde_yaml::Value>,
     pub plugin_cache_dir: Option<String>,
     pub store: Option<RawStore>,
     pub admin: Option<RawAdmin>,
@@ -66,7 +66,7 @@ pub struct RawConfig {
 pub struct RawStore {
     pub path: Option<String>,
     pub keep_text: Option<bool>,
-    pub max_age: Option<DurationValue>,
+    pub max_age: Option<serde_yaml::Value>,
     pub max_rows: Option<u64>,
 }
 
@@ -313,6 +313,30 @@ impl RawConfig {
             key: key.to_owned(),
             message,
         };
+        // Durations and sizes are read here, where the key is known for the message.
+        let duration =
+            |key: &str, v: Option<serde_yaml::Value>| -> Result<Option<Duration>, ConfigError> {
+                v.map(|v| {
+                    serde_yaml::from_value::<DurationValue>(v)
+                        .map(|d| d.0)
+                        .map_err(|e| invalid(key, e.to_string()))
+                })
+                .transpose()
+            };
+        let size = |key: &str, v: Option<serde_yaml::Value>| -> Result<Option<u64>, ConfigError> {
+            v.map(|v| {
+                serde_yaml::from_value::<ByteSize>(v)
+                    .map(|b| b.0)
+                    .map_err(|e| invalid(key, e.to_string()))
+            })
+            .transpose()
+        };
+        let candidate_timeout = duration("candidate_timeout", self.candidate_timeout)?;
+        let target_timeout = duration("target_timeout", self.target_timeout)?;
+        let shutdown_timeout = duration("shutdown_timeout", self.shutdown_timeout)?;
+        let plugin_timeout = duration("plugin_timeout", self.plugin_timeout)?;
+        let max_body_bytes = size("max_body_bytes", self.max_body_bytes)?;
+        let plugin_memory_limit = size("plugin_memory_limit", self.plugin_memory_limit)?;
         let base_dir = file
             .and_then(Path::parent)
             .map(Path::to_path_buf)
@@ -430,6 +454,7 @@ impl RawConfig {
         }
 
         let store = self.store.unwrap_or_default();
+        let store_max_age = duration("store.max_age", store.max_age.clone())?;
         let store_path = match store.path.as_deref() {
             Some("") => None,
             p => {
@@ -477,7 +502,7 @@ impl RawConfig {
             store: StoreConfig {
                 path: store_path,
                 keep_text: store.keep_text.unwrap_or(true),
-                max_age: store.max_age.map(|d| d.0),
+                max_age: store_max_age,
                 max_rows: store.max_rows,
             },
             admin: AdminConfig {
@@ -495,15 +520,11 @@ impl RawConfig {
             sample_rate,
             queue_capacity,
             candidate_concurrency,
-            candidate_timeout: self
-                .candidate_timeout
-                .map_or(Duration::from_secs(60), |d| d.0),
-            target_timeout: self.target_timeout.map(|d| d.0),
-            shutdown_timeout: self
-                .shutdown_timeout
-                .map_or(Duration::from_secs(10), |d| d.0),
+            candidate_timeout: candidate_timeout.unwrap_or(Duration::from_secs(60)),
+            target_timeout,
+            shutdown_timeout: shutdown_timeout.unwrap_or(Duration::from_secs(10)),
             strategy,
-            max_body_bytes: self.max_body_bytes.map_or(16 << 20, |b| b.0),
+            max_body_bytes: max_body_bytes.unwrap_or(16 << 20),
             max_capture_tokens: self.max_capture_tokens.unwrap_or(8192),
             candidate_api_key: self.candidate_api_key,
             candidate_headers,
@@ -511,10 +532,8 @@ impl RawConfig {
                 .forward_client_auth_to_candidate
                 .unwrap_or(false),
             plugins,
-            plugin_timeout: self
-                .plugin_timeout
-                .map_or(Duration::from_millis(200), |d| d.0),
-            plugin_memory_limit: self.plugin_memory_limit.map_or(64 << 20, |b| b.0),
+            plugin_timeout: plugin_timeout.unwrap_or(Duration::from_millis(200)),
+            plugin_memory_limit: plugin_memory_limit.unwrap_or(64 << 20),
             plugin_cache_dir: self.plugin_cache_dir.map(|d| {
                 let p = PathBuf::from(d);
                 if p.is_relative() {
