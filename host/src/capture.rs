@@ -340,7 +340,18 @@ impl<B> TeeBody<B> {
         }
         if let Some((c, sink)) = self.capture.take() {
             match c.finish() {
-                Some(main) => sink.submit(main),
+                Some(main) => {
+                    tracing::debug!(
+                        endpoint = main.endpoint.as_str(),
+                        model = %main.model,
+                        prompt_tokens = ?main.prompt_tokens,
+                        tokens = main.tokens.len(),
+                        finish_reason = ?main.finish_reason,
+                        streamed = main.streamed,
+                        "captured main response"
+                    );
+                    sink.submit(main)
+                }
                 None => tracing::debug!("response not usable for comparison"),
             }
         }

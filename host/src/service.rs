@@ -241,7 +241,7 @@ async fn shutdown_signal() {
 
 /// Reloads the plugins when the config file's contents change (checked every second) or
 /// on SIGHUP. Only `plugins` and their options take effect without a restart.
-async fn watch_config(service: Arc<Service>, file: std::path::PathBuf) {
+pub async fn watch_config(service: Arc<Service>, file: std::path::PathBuf) {
     let read = |f: &std::path::Path| std::fs::read(f).ok();
     let mut last = read(&file);
     #[cfg(unix)]

@@ -581,3 +581,277 @@ impl StoreWriter {
         }
     }
 }
+
+/// Whether `name` can be a `"plugin.metric"` series key in a JSON path (the dashboard's
+/// queries put it in one): letters, digits, `_`, `-`, `.` and `:`, at most 128 bytes.
+pub fn valid_series_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+}
+
+/// The smallest "nice" number (1, 2 or 5 × 10^k) at least `x` (at least 1).
+fn nice_at_least(x: f64) -> i64 {
+    let mut step = 1i64;
+    loop {
+        for m in [1, 2, 5] {
+            if (step * m) as f64 >= x {
+                return step * m;
+            }
+        }
+        step = step.saturating_mul(10);
+        if step >= i64::MAX / 10 {
+            return step;
+        }
+    }
+}
+
+/// Time bucket widths the dashboard uses, in milliseconds.
+const TIME_STEPS_MS: &[i64] = &[
+    1_000, 2_000, 5_000, 10_000, 15_000, 30_000, 60_000, 120_000, 300_000, 600_000, 900_000,
+    1_800_000, 3_600_000, 7_200_000, 10_800_000, 21_600_000, 43_200_000, 86_400_000,
+    172_800_000, 604_800_000,
+];
+
+/// The aligned positions with a finite value of one series, as a CTE: `t` (comparison time),
+/// `ctx` (context position: prompt tokens + index), `x` (the value). Parameters: ?1 the JSON
+/// path, ?2 `since_ms`.
+const SERIES_CTE: &str = "WITH v AS (
+    SELECT c.time_ms AS t, coalesce(c.prompt_tokens, 0) + p.idx AS ctx,
+           json_extract(p.metric_values, ?1) AS x
+    FROM positions p JOIN comparisons c ON c.id = p.comparison_id
+    WHERE p.status = 'aligned' AND c.time_ms >= ?2
+) ";
+
+impl Store {
+    /// Series keys (`"plugin.metric"`) found in the positions of the newest `recent` comparisons.
+    pub fn series_names(&self, recent: u32) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT DISTINCT j.key FROM positions p, json_each(p.metric_values) j
+                 WHERE p.comparison_id IN
+                   (SELECT id FROM comparisons ORDER BY time_ms DESC, rowid DESC LIMIT ?1)
+                 ORDER BY 1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![recent], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Failed plugin calls kept in the store since `since_ms`: plugin → reason → count.
+    pub fn plugin_failures(
+        &self,
+        since_ms: u64,
+    ) -> Result<BTreeMap<String, BTreeMap<String, u64>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT j.key, CAST(j.value AS TEXT), count(*)
+                 FROM comparisons c, json_each(c.plugin_failures) j
+                 WHERE c.time_ms >= ?1 GROUP BY 1, 2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![since_ms as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for row in rows {
+            let (plugin, reason, n) = row.map_err(|e| self.err(e))?;
+            *out.entry(plugin).or_default().entry(reason).or_default() += n;
+        }
+        Ok(out)
+    }
+
+    /// Per comparison of `ids`, over its aligned positions: count, mean and max of series
+    /// `name`, and the mean of series `same_top` (when given). Comparisons without a value are
+    /// left out.
+    pub fn comparison_series(
+        &self,
+        ids: &[String],
+        name: &str,
+        same_top: Option<&str>,
+    ) -> Result<BTreeMap<String, Value>, StoreError> {
+        let mut out = BTreeMap::new();
+        if !valid_series_name(name) || same_top.is_some_and(|s| !valid_series_name(s)) {
+            return Ok(out);
+        }
+        let path = format!("$.\"{name}\"");
+        let same_path = same_top.map(|s| format!("$.\"{s}\""));
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT count(json_extract(metric_values, ?2)),
+                        avg(json_extract(metric_values, ?2)),
+                        max(json_extract(metric_values, ?2)),
+                        avg(json_extract(metric_values, ?3)),
+                        count(*)
+                 FROM positions WHERE comparison_id = ?1 AND status = 'aligned'",
+            )
+            .map_err(|e| self.err(e))?;
+        for id in ids {
+            let row = stmt
+                .query_row(params![id, path, same_path], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<f64>>(1)?,
+                        r.get::<_, Option<f64>>(2)?,
+                        r.get::<_, Option<f64>>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })
+                .map_err(|e| self.err(e))?;
+            let (n, mean, max, same, aligned) = row;
+            if aligned == 0 {
+                continue;
+            }
+            out.insert(
+                id.clone(),
+                json!({"n": n, "mean": mean, "max": max, "same_top": same}),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Aggregates of series `name` over the aligned positions of comparisons since `since_ms`,
+    /// for the dashboard's charts: a histogram (`scale` `log` when no value is negative: bins of
+    /// a quarter decade, values below the first edge counted in `below`; else `linear` with
+    /// `bins` bins), the mean by context position (prompt tokens + index) in buckets, and the
+    /// mean by comparison time in buckets. Every bucket has its count `n`.
+    pub fn series_aggregate(
+        &self,
+        name: &str,
+        since_ms: u64,
+        bins: u32,
+    ) -> Result<Value, StoreError> {
+        if !valid_series_name(name) {
+            return Ok(json!({"name": name, "n": 0}));
+        }
+        let path = format!("$.\"{name}\"");
+        let since = since_ms as i64;
+        let (n, min, max, min_pos, max_ctx, t_min, t_max) = self
+            .conn
+            .query_row(
+                &format!(
+                    "{SERIES_CTE} SELECT count(x), min(x), max(x), min(CASE WHEN x > 0 THEN x END),
+                     max(ctx), min(t), max(t) FROM v WHERE x IS NOT NULL"
+                ),
+                params![path, since],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<f64>>(1)?,
+                        r.get::<_, Option<f64>>(2)?,
+                        r.get::<_, Option<f64>>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
+                        r.get::<_, Option<i64>>(5)?,
+                        r.get::<_, Option<i64>>(6)?,
+                    ))
+                },
+            )
+            .map_err(|e| self.err(e))?;
+        let (Some(min), Some(max), Some(max_ctx), Some(t_min), Some(t_max)) =
+            (min, max, max_ctx, t_min, t_max)
+        else {
+            return Ok(json!({"name": name, "n": 0}));
+        };
+
+        // Histogram edges, decided here; SQLite counts (no math functions needed).
+        let log = min >= 0.0 && min_pos.is_some();
+        let edges: Vec<f64> = if log {
+            let min_pos = min_pos.unwrap_or(max);
+            let hi = ((max.log10() * 4.0).ceil() / 4.0).max((min_pos.log10() * 4.0).floor() / 4.0 + 0.25);
+            let lo = ((min_pos.log10() * 4.0).floor() / 4.0).max(hi - 8.0);
+            let nb = ((hi - lo) * 4.0).round().max(1.0) as i32;
+            (0..=nb).map(|i| 10f64.powf(lo + f64::from(i) / 4.0)).collect()
+        } else {
+            let nb = bins.clamp(1, 200);
+            let width = if max > min { (max - min) / f64::from(nb) } else { 1.0 };
+            (0..=nb).map(|i| min + width * f64::from(i)).collect()
+        };
+        let nbins = edges.len() - 1;
+        let edges_json = Value::from(edges.clone()).to_string();
+        let mut counts = vec![0u64; nbins];
+        let mut below = 0u64;
+        {
+            let mut stmt = self
+                .conn
+                .prepare(&format!(
+                    "{SERIES_CTE}, e AS (SELECT CAST(key AS INTEGER) AS i, value AS lo FROM json_each(?3))
+                     SELECT (SELECT max(e.i) FROM e WHERE e.lo <= v.x) AS bin, count(*)
+                     FROM v WHERE x IS NOT NULL GROUP BY bin"
+                ))
+                .map_err(|e| self.err(e))?;
+            let rows = stmt
+                .query_map(params![path, since, edges_json], |r| {
+                    Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)? as u64))
+                })
+                .map_err(|e| self.err(e))?;
+            for row in rows {
+                match row.map_err(|e| self.err(e))? {
+                    (Some(b), c) if b >= 0 => counts[(b as usize).min(nbins - 1)] += c,
+                    (_, c) => below += c,
+                }
+            }
+        }
+        let histogram: Vec<Value> = (0..nbins)
+            .map(|i| json!({"lo": edges[i], "hi": edges[i + 1], "n": counts[i]}))
+            .collect();
+
+        let bucket_rows = |key: &str, origin: i64, width: i64| -> Result<Vec<Value>, StoreError> {
+            let mut stmt = self
+                .conn
+                .prepare(&format!(
+                    "{SERIES_CTE} SELECT ({key} - ?3) / ?4 AS b, count(*), avg(x), avg(x * x)
+                     FROM v WHERE x IS NOT NULL GROUP BY b ORDER BY b"
+                ))
+                .map_err(|e| self.err(e))?;
+            let rows = stmt
+                .query_map(params![path, since, origin, width], |r| {
+                    let b: i64 = r.get(0)?;
+                    let n: i64 = r.get(1)?;
+                    let mean: f64 = r.get(2)?;
+                    let mean2: f64 = r.get(3)?;
+                    let err = if n > 1 {
+                        ((mean2 - mean * mean).max(0.0) / (n - 1) as f64).sqrt()
+                    } else {
+                        0.0
+                    };
+                    let start = origin + b * width;
+                    Ok(json!({"lo": start, "hi": start + width, "n": n, "mean": mean, "err": err}))
+                })
+                .map_err(|e| self.err(e))?;
+            rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+        };
+        let ctx_width = nice_at_least((max_ctx + 1) as f64 / 32.0);
+        let by_context = bucket_rows("ctx", 0, ctx_width)?;
+        let span = (t_max - t_min + 1) as f64 / 40.0;
+        let t_width = TIME_STEPS_MS
+            .iter()
+            .copied()
+            .find(|w| *w as f64 >= span)
+            .unwrap_or(604_800_000 * ((span / 604_800_000.0).ceil() as i64).max(1));
+        let t_origin = t_min - t_min.rem_euclid(t_width);
+        let by_time = bucket_rows("t", t_origin, t_width)?;
+        Ok(json!({
+            "name": name,
+            "n": n,
+            "min": min,
+            "max": max,
+            "scale": if log { "log" } else { "linear" },
+            "histogram": {"bins": histogram, "below": below},
+            "by_context": {"width": ctx_width, "buckets": by_context},
+            "by_time": {"width_ms": t_width, "buckets": by_time},
+        }))
+    }
+}
