@@ -150,7 +150,6 @@ async fn editing_the_config_swaps_plugins_without_a_restart() {
     assert_eq!(plugins_of_next("Three.").await, ["overlap"]);
     watcher.abort();
     let _ = watcher.await;
-    drop(plugins_of_next);
     Arc::try_unwrap(service)
         .ok()
         .expect("sole owner")
