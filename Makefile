@@ -33,6 +33,10 @@ lint:
 demo: setup plugins build
 	@bash scripts/demo.sh
 
+bench: setup plugins
+	$(CARGO) build --release -p kl-proxy --bin kl-proxy --example bench
+	@bash bench/bench.sh
+
 clean:
 	$(CARGO) clean
 	rm -rf plugins/target plugins/dist

@@ -505,3 +505,160 @@ async fn legacy_completions_are_captured_and_unsampled_requests_untouched() {
     );
     proxy.shutdown().await.unwrap();
 }
+
+/// A fake candidate that records the head of every request it gets and answers 503.
+fn recording_candidate() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(200) {
+            let Ok(mut s) = stream else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = vec![0u8; 65536];
+            let n = s.read(&mut buf).unwrap_or(0);
+            log.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let body = r#"{"error":{"message":"busy"}}"#;
+            let _ = write!(
+                s,
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn client_credentials_reach_the_target_only_and_never_a_log_or_the_store() {
+    const TOKEN: &str = "sk-planted-7f3a9c";
+    let main = LlamaServer::start_with(model("q4_1"), &["--api-key", TOKEN]);
+    let (cand, seen) = recording_candidate();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "target_host: {}\ncandidate_host: http://{cand}\nport: {port}\ncandidate_api_key: cand-key-1\n\
+             store: {{path: {}}}\nadmin: {{listen: \"127.0.0.1:{admin_port}\"}}\n",
+            main.url(),
+            dir.path().join("kl.db").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kl-proxy"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("KLPROXY_LOG", "debug")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+        for _ in 0..100 {
+            if http
+                .get(format!("http://127.0.0.1:{admin_port}/metrics"))
+                .send()
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Without the key the target refuses: what the proxy forwards is the client's own.
+        let refused = http.post(&url).json(&chat(json!({}))).send().await.unwrap();
+        assert_eq!(refused.status(), 401);
+        for _ in 0..2 {
+            let ok = http
+                .post(&url)
+                .bearer_auth(TOKEN)
+                .json(&chat(json!({})))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                ok.status(),
+                200,
+                "the client's Authorization reached the target"
+            );
+            ok.bytes().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        http.get(format!("http://127.0.0.1:{admin_port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM");
+    let seen = seen.lock().unwrap().join("\n");
+    assert!(!seen.is_empty(), "the candidate was asked");
+    assert!(
+        !seen.contains(TOKEN),
+        "the client's token went to the candidate"
+    );
+    assert!(
+        seen.contains("Bearer cand-key-1"),
+        "the candidate gets its own key"
+    );
+    let logs = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    assert!(
+        logs.contains("captured main response"),
+        "debug logs were on"
+    );
+    assert!(!logs.contains(TOKEN), "token in the logs");
+    assert!(!logs.contains("cand-key-1"), "candidate key in the logs");
+    assert!(!metrics.contains(TOKEN));
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        let f = f.unwrap().path();
+        if f.to_string_lossy().contains("kl.db") {
+            let bytes = std::fs::read(&f).unwrap();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(TOKEN),
+                "token in {}",
+                f.display()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_a_connection_gets_a_clean_503() {
+    let proxy = start_proxy(&format!("http://127.0.0.1:{}", free_port()), "max_connections: 1\n").await;
+    // The first connection holds the only slot while it stays open.
+    let held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let resp = reqwest::Client::new()
+        .get(format!("http://{}/health", proxy.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "too_many_connections");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The slot is free again: the request is forwarded (to a target that is down: 502).
+    let resp = reqwest::Client::new()
+        .get(format!("http://{}/health", proxy.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    proxy.shutdown().await.unwrap();
+}

@@ -1,7 +1,12 @@
 //! The admin listener, apart from the proxy port (which forwards everything to the target):
 //! `GET /metrics` (Prometheus), `GET /api/summary` (the `report` numbers as JSON),
-//! `GET /api/comparisons?limit=&offset=`, `GET /api/comparisons/{id}`. With `admin.token`
-//! set, every request needs `Authorization: Bearer <token>`.
+//! `GET /api/comparisons?limit=&offset=&series=`, `GET /api/comparisons/{id}`,
+//! `GET /api/series?name=&since_ms=&bins=` (histogram, by-context and by-time aggregates of one
+//! per-position series, computed in SQL), `GET /api/info` (plugins, their failures, the series
+//! kept, `keep_text`), and the live dashboard at `GET /` (`host/src/dashboard/`: plain HTML,
+//! CSS and JS compiled into the binary). With `admin.token` set, every request needs
+//! `Authorization: Bearer <token>` (or `?token=`), except the dashboard's static files, which
+//! hold no data (the page sends the token it was given as `?token=` to the API).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,7 +26,7 @@ use crate::config::StoreConfig;
 use crate::metrics::Metrics;
 use crate::proxy::{json_error, ProxyBody};
 use crate::queue::ComparisonQueue;
-use crate::store::Store;
+use crate::store::{valid_series_name, Store};
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -54,6 +59,57 @@ fn respond(
         header::HeaderValue::from_static("no-store"),
     );
     r
+}
+
+/// The dashboard's files, compiled in (no CDN, nothing fetched at run time).
+const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
+const DASHBOARD_CSS: &str = include_str!("dashboard/dashboard.css");
+const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
+
+/// The dashboard's static files: served without the token (they hold no data).
+fn static_file(path: &str) -> Option<Response<ProxyBody>> {
+    let (content_type, body) = match path {
+        "/" | "/index.html" => ("text/html; charset=utf-8", DASHBOARD_HTML),
+        "/dashboard.css" => ("text/css; charset=utf-8", DASHBOARD_CSS),
+        "/dashboard.js" => ("text/javascript; charset=utf-8", DASHBOARD_JS),
+        _ => return None,
+    };
+    let mut r = respond(StatusCode::OK, content_type, body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+             img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    // The page's URL may carry `?token=`: never send it on.
+    h.insert(
+        header::REFERRER_POLICY,
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    Some(r)
+}
+
+fn bad_request(message: &str) -> Response<ProxyBody> {
+    json_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "invalid_parameter",
+        message,
+    )
+}
+
+/// The default series of the charts: the first whose metric is `kld`, else the first.
+fn default_series(names: &[String]) -> Option<&String> {
+    names
+        .iter()
+        .find(|n| n.rsplit_once('.').is_some_and(|(_, m)| m == "kld"))
+        .or_else(|| names.first())
 }
 
 fn json_ok(v: &Value) -> Response<ProxyBody> {
@@ -123,6 +179,11 @@ impl AdminState {
 
     /// Answers one admin request.
     pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+        if req.method() == Method::GET {
+            if let Some(r) = static_file(req.uri().path()) {
+                return Ok(r);
+            }
+        }
         if !self.authorized(&req) {
             let mut r = json_error(
                 StatusCode::UNAUTHORIZED,
@@ -192,10 +253,90 @@ impl AdminState {
                 let offset = query_param(query.as_deref(), "offset")
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0u32);
-                match self.with_store(move |s| s.list(limit, offset)).await {
+                // `series=`: each comparison also gets `series` {n, mean, max} of that series and
+                // `same_top` (mean of the first `same_top` series kept).
+                let series = query_param(query.as_deref(), "series").map(str::to_owned);
+                if series.as_deref().is_some_and(|n| !valid_series_name(n)) {
+                    return Ok(bad_request("series: not a series name"));
+                }
+                match self
+                    .with_store(move |s| {
+                        let mut list = s.list(limit, offset)?;
+                        if let Some(name) = series {
+                            let names = s.series_names(200)?;
+                            let same_top = names
+                                .iter()
+                                .find(|n| n.rsplit_once('.').is_some_and(|(_, m)| m == "same_top"));
+                            let ids: Vec<String> = list
+                                .iter()
+                                .filter_map(|c| c["id"].as_str().map(str::to_owned))
+                                .collect();
+                            let aggregates =
+                                s.comparison_series(&ids, &name, same_top.map(String::as_str))?;
+                            for c in &mut list {
+                                let agg = c["id"].as_str().and_then(|id| aggregates.get(id));
+                                if let (Some(o), Some(a)) = (c.as_object_mut(), agg) {
+                                    o.insert("series".into(), a.clone());
+                                }
+                            }
+                        }
+                        Ok(list)
+                    })
+                    .await
+                {
                     Ok(list) => {
                         json_ok(&json!({"comparisons": list, "limit": limit, "offset": offset}))
                     }
+                    Err(r) => r,
+                }
+            }
+            "/api/series" => {
+                let q = query.as_deref();
+                let since = match query_param(q, "since_ms").map(str::parse::<u64>) {
+                    None => 0,
+                    Some(Ok(v)) => v,
+                    Some(Err(_)) => return Ok(bad_request("since_ms: not a number")),
+                };
+                let bins = match query_param(q, "bins").map(str::parse::<u32>) {
+                    None => 40,
+                    Some(Ok(v)) if (1..=200).contains(&v) => v,
+                    Some(_) => return Ok(bad_request("bins: a number from 1 to 200")),
+                };
+                let name = query_param(q, "name").map(str::to_owned);
+                if name.as_deref().is_some_and(|n| !valid_series_name(n)) {
+                    return Ok(bad_request("name: not a series name"));
+                }
+                match self
+                    .with_store(move |s| {
+                        let name = match name {
+                            Some(n) => n,
+                            None => match default_series(&s.series_names(200)?) {
+                                Some(n) => n.clone(),
+                                None => return Ok(json!({"name": null, "n": 0})),
+                            },
+                        };
+                        s.series_aggregate(&name, since, bins)
+                    })
+                    .await
+                {
+                    Ok(v) => json_ok(&v),
+                    Err(r) => r,
+                }
+            }
+            "/api/info" => {
+                let loaded = (self.plugins)();
+                let keep_text = self.store.as_ref().map(|(_, c)| c.keep_text);
+                match self
+                    .with_store(move |s| Ok((s.series_names(200)?, s.plugin_failures(0)?)))
+                    .await
+                {
+                    Ok((series, failures)) => json_ok(&json!({
+                        "plugins": loaded,
+                        "plugin_failures": failures,
+                        "default_series": default_series(&series),
+                        "series": series,
+                        "keep_text": keep_text,
+                    })),
                     Err(r) => r,
                 }
             }

@@ -91,11 +91,18 @@ impl Capture {
                 tokens: Vec::new(),
                 finish_reason: None,
                 streamed,
+                client_authorization: None,
             },
             max_tokens,
             abandoned: false,
             finished: false,
         }
+    }
+
+    /// Keeps the client's credential for the candidate (`forward_client_auth_to_candidate`).
+    pub fn with_client_authorization(mut self, auth: Option<crate::record::Secret>) -> Capture {
+        self.response.client_authorization = auth;
+        self
     }
 
     /// Takes in one answer object (a JSON answer or one SSE chunk).

@@ -48,6 +48,7 @@ pub struct RawConfig {
     pub strategy: Option<String>,
     pub max_body_bytes: Option<serde_yaml::Value>,
     pub max_capture_tokens: Option<usize>,
+    pub max_connections: Option<usize>,
     pub candidate_api_key: Option<String>,
     pub candidate_headers: Option<BTreeMap<String, String>>,
     pub forward_client_auth_to_candidate: Option<bool>,
@@ -253,6 +254,8 @@ pub struct Config {
     pub max_body_bytes: u64,
     /// Longest main response (tokens) captured for comparison; longer ones are not compared.
     pub max_capture_tokens: usize,
+    /// Client connections open at once; more are answered 503.
+    pub max_connections: usize,
     /// Bearer token sent to the candidate.
     pub candidate_api_key: Option<String>,
     /// Extra headers sent to the candidate.
@@ -526,6 +529,10 @@ impl RawConfig {
             strategy,
             max_body_bytes: max_body_bytes.unwrap_or(16 << 20),
             max_capture_tokens: self.max_capture_tokens.unwrap_or(8192),
+            max_connections: match self.max_connections {
+                Some(0) => return Err(invalid("max_connections", "must be at least 1".into())),
+                n => n.unwrap_or(10_000),
+            },
             candidate_api_key: self.candidate_api_key,
             candidate_headers,
             forward_client_auth_to_candidate: self

@@ -170,6 +170,13 @@ impl Proxy {
             return self.forward(Request::from_parts(parts, body)).await;
         };
         let original_request = Value::Object(obj.clone());
+        let client_auth = self
+            .config
+            .forward_client_auth_to_candidate
+            .then(|| parts.headers.get(header::AUTHORIZATION))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .map(|v| crate::record::Secret(v.to_owned()));
         let prepared = inject::prepare(
             endpoint,
             obj,
@@ -210,7 +217,8 @@ impl Proxy {
                         request,
                         kind == BodyKind::Sse,
                         self.config.max_capture_tokens,
-                    ),
+                    )
+                    .with_client_authorization(client_auth),
                     q.clone(),
                 ))
             }
@@ -347,6 +355,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
+    // Bounds open client connections; past it a connection gets one clean 503 and is closed.
+    let slots = Arc::new(tokio::sync::Semaphore::new(proxy.config.max_connections));
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -362,6 +372,30 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                limit = proxy.config.max_connections,
+                "connection limit reached: answering 503"
+            );
+            let service = hyper::service::service_fn(|_req| async {
+                let mut r = json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "proxy_error",
+                    "too_many_connections",
+                    "the proxy's connection limit (max_connections) is reached; retry shortly",
+                );
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Ok::<_, Infallible>(r)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            });
+            continue;
+        };
         let proxy = proxy.clone();
         let service = hyper::service::service_fn(move |req| {
             let proxy = proxy.clone();
@@ -373,6 +407,7 @@ pub async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);

@@ -89,6 +89,20 @@ pub struct MainResponse {
     pub finish_reason: Option<String>,
     /// Whether the response came as an SSE stream.
     pub streamed: bool,
+    /// The client's `Authorization`, kept only with `forward_client_auth_to_candidate: true`
+    /// (never serialised, never printed).
+    #[serde(skip)]
+    pub client_authorization: Option<Secret>,
+}
+
+/// A credential: its `Debug` never shows the value, so it cannot reach a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// How the candidate was made to score the main response.

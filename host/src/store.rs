@@ -610,9 +610,26 @@ fn nice_at_least(x: f64) -> i64 {
 
 /// Time bucket widths the dashboard uses, in milliseconds.
 const TIME_STEPS_MS: &[i64] = &[
-    1_000, 2_000, 5_000, 10_000, 15_000, 30_000, 60_000, 120_000, 300_000, 600_000, 900_000,
-    1_800_000, 3_600_000, 7_200_000, 10_800_000, 21_600_000, 43_200_000, 86_400_000,
-    172_800_000, 604_800_000,
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    15_000,
+    30_000,
+    60_000,
+    120_000,
+    300_000,
+    600_000,
+    900_000,
+    1_800_000,
+    3_600_000,
+    7_200_000,
+    10_800_000,
+    21_600_000,
+    43_200_000,
+    86_400_000,
+    172_800_000,
+    604_800_000,
 ];
 
 /// The aligned positions with a finite value of one series, as a CTE: `t` (comparison time),
@@ -770,13 +787,20 @@ impl Store {
         let log = min >= 0.0 && min_pos.is_some();
         let edges: Vec<f64> = if log {
             let min_pos = min_pos.unwrap_or(max);
-            let hi = ((max.log10() * 4.0).ceil() / 4.0).max((min_pos.log10() * 4.0).floor() / 4.0 + 0.25);
+            let hi = ((max.log10() * 4.0).ceil() / 4.0)
+                .max((min_pos.log10() * 4.0).floor() / 4.0 + 0.25);
             let lo = ((min_pos.log10() * 4.0).floor() / 4.0).max(hi - 8.0);
             let nb = ((hi - lo) * 4.0).round().max(1.0) as i32;
-            (0..=nb).map(|i| 10f64.powf(lo + f64::from(i) / 4.0)).collect()
+            (0..=nb)
+                .map(|i| 10f64.powf(lo + f64::from(i) / 4.0))
+                .collect()
         } else {
             let nb = bins.clamp(1, 200);
-            let width = if max > min { (max - min) / f64::from(nb) } else { 1.0 };
+            let width = if max > min {
+                (max - min) / f64::from(nb)
+            } else {
+                1.0
+            };
             (0..=nb).map(|i| min + width * f64::from(i)).collect()
         };
         let nbins = edges.len() - 1;

@@ -123,6 +123,17 @@ impl Upstream {
         Upstream::new(&config.candidate_host, config.candidate_timeout, &headers)
     }
 
+    /// The same client sending `value` as `Authorization` (the client's own credential, when
+    /// `forward_client_auth_to_candidate` is on).
+    pub fn with_authorization(&self, value: &str) -> Upstream {
+        let mut up = self.clone();
+        up.headers.retain(|(k, _)| k != AUTHORIZATION);
+        if let Ok(v) = HeaderValue::from_str(value) {
+            up.headers.push((AUTHORIZATION, v));
+        }
+        up
+    }
+
     /// The base URL requests go to.
     pub fn base(&self) -> &str {
         &self.base

@@ -161,6 +161,22 @@ impl CandidateScorer {
 
     /// Scores one main response under the candidate.
     pub async fn score(&self, main: &MainResponse) -> Result<AlignedRecord, ScoreError> {
+        if let Some(auth) = &main.client_authorization {
+            // The client's credential goes with this comparison's requests only.
+            let scorer = CandidateScorer {
+                upstream: self.upstream.with_authorization(&auth.0),
+                n_probs: self.n_probs,
+                max_tokens: self.max_tokens,
+                choice: self.choice,
+                forced_max_tokens: self.forced_max_tokens,
+                report: OnceCell::new_with(self.report.get().cloned()),
+            };
+            return scorer.score_as_configured(main).await;
+        }
+        self.score_as_configured(main).await
+    }
+
+    async fn score_as_configured(&self, main: &MainResponse) -> Result<AlignedRecord, ScoreError> {
         let report = self.probe().await?;
         let started = SystemTime::now();
         let mut work = Work::new(main);
