@@ -639,7 +639,11 @@ fn client_credentials_reach_the_target_only_and_never_a_log_or_the_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_connections_a_connection_gets_a_clean_503() {
-    let proxy = start_proxy(&format!("http://127.0.0.1:{}", free_port()), "max_connections: 1\n").await;
+    let proxy = start_proxy(
+        &format!("http://127.0.0.1:{}", free_port()),
+        "max_connections: 1\n",
+    )
+    .await;
     // The first connection holds the only slot while it stays open.
     let held = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -661,4 +665,71 @@ async fn past_max_connections_a_connection_gets_a_clean_503() {
         .unwrap();
     assert_eq!(resp.status(), 502);
     proxy.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_asked_for_logprobs_gets_what_it_asked_for() {
+    let main = LlamaServer::start(model("q4_1"));
+    let proxy = start_proxy(&main.url(), "").await;
+    let mut outcomes = proxy.subscribe().unwrap();
+    let http = reqwest::Client::new();
+    for (asked, expect) in [(3u64, 3usize), (15, 15)] {
+        let body = chat(
+            json!({"stream": true, "max_tokens": 12, "logprobs": true, "top_logprobs": asked}),
+        );
+        let text = http
+            .post(format!("http://{}/v1/chat/completions", proxy.addr))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let tops: Vec<usize> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["choices"][0]["logprobs"]["content"].as_array().cloned())
+            .flatten()
+            .map(|e| e["top_logprobs"].as_array().unwrap().len())
+            .collect();
+        assert!(!tops.is_empty());
+        assert!(tops.iter().all(|&n| n == expect), "asked {asked}: {tops:?}");
+        let outcome = next_outcome(&mut outcomes).await;
+        assert!(outcome
+            .main
+            .tokens
+            .iter()
+            .all(|t| t.top.len() == expect.max(10)));
+    }
+    proxy.shutdown().await.unwrap();
+}
+
+#[test]
+fn plugin_check_names_the_world_or_the_reason() {
+    let dist = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../plugins/dist");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kl-proxy"))
+        .args(["plugin", "check"])
+        .arg(dist.join("kl-divergence.wasm"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("kl-proxy:comparator/comparator@0.1.0"),
+        "{text}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kl-proxy"))
+        .args(["plugin", "check"])
+        .arg(dist.join("../../config.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.yaml"), "{err}");
 }

@@ -879,3 +879,41 @@ impl Store {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> StoreConfig {
+        StoreConfig {
+            path: None,
+            keep_text: true,
+            max_age: None,
+            max_rows: None,
+        }
+    }
+
+    #[test]
+    fn a_store_from_a_newer_version_is_refused_and_an_empty_file_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kl.db");
+        let store = Store::open(&path, config()).unwrap();
+        assert!(store.list(10, 0).unwrap().is_empty());
+        drop(store);
+        // Reopening the same version works.
+        Store::open(&path, config()).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+            params![(SCHEMA_VERSION + 1).to_string()],
+        )
+        .unwrap();
+        drop(conn);
+        let err = Store::open(&path, config()).err().expect("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("newer kl-proxy") && msg.contains("kl.db"),
+            "{msg}"
+        );
+    }
+}

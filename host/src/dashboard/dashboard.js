@@ -285,7 +285,9 @@ function renderRecent(list) {
     tbody.appendChild(tr);
   }
   const first = list.comparisons.find((c) => c.status === "ok");
-  $("models").textContent = first ? `main ${first.main_model || "?"}  vs  candidate ${first.candidate_model || "?"} (${first.strategy || "?"})` : "";
+  const base = (m) => (m || "?").split(/[\\/]/).pop();
+  $("models").textContent = first ? `main ${base(first.main_model)}  vs  candidate ${base(first.candidate_model)} (${first.strategy || "?"})` : "";
+  $("models").title = first ? `${first.main_model} vs ${first.candidate_model}` : "";
 }
 
 // ---------- colour scale ----------
@@ -373,7 +375,7 @@ function renderComparison() {
     const span = el("span", { class: "tok", "data-i": i, "data-token": p.main.id, "data-status": p.status });
     if (hasText) {
       const t = tokenText(texts, p.main.id);
-      if (t === null || t === "") { span.textContent = "∅"; span.classList.add("empty"); } else span.textContent = t;
+      if (t === null || t === "") { span.textContent = "·"; span.classList.add("empty"); } else span.textContent = t;
     } else {
       span.classList.add("notext");
     }
