@@ -217,9 +217,13 @@ impl Browser {
         self.resize(width, 1000).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let h = self
-            .js("window.scrollTo(0, 0); return document.documentElement.scrollHeight;", json!([]))
+            .js(
+                "window.scrollTo(0, 0); \
+                 return Math.ceil(document.querySelector('footer').getBoundingClientRect().bottom);",
+                json!([]),
+            )
             .await;
-        let height = h.as_u64().unwrap_or(1000) as u32 + 100;
+        let height = h.as_u64().unwrap_or(1000) as u32 + 20;
         self.resize(width, height.min(8000)).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -604,6 +604,7 @@ fn held_after_streaming(kind: BodyKind, edit: ResponseEdit) -> u64 {
             n += 1;
         }
         let after = fault_kit::rss_kib(pid);
+        eprintln!("rss before {before} KiB after {after} KiB, {n} frames");
         drop(tee);
         after.saturating_sub(before) * 1024
     });

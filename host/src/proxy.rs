@@ -169,7 +169,6 @@ impl Proxy {
             let body = Full::new(bytes).map_err(|e| match e {}).boxed_unsync();
             return self.forward(Request::from_parts(parts, body)).await;
         };
-        let original_request = Value::Object(obj.clone());
         let client_auth = self
             .config
             .forward_client_auth_to_candidate
@@ -194,6 +193,7 @@ impl Proxy {
         let body = Full::new(Bytes::from(new_body))
             .map_err(|e| match e {})
             .boxed_unsync();
+        let (sent_request, edit) = (prepared.body, prepared.edit);
         let resp = self.send(Request::from_parts(parts, body)).await?;
 
         let kind = match content_type(resp.headers()) {
@@ -206,15 +206,11 @@ impl Proxy {
         };
         let capture = match &self.queue {
             Some(q) => {
-                let mut request = original_request;
-                if let Value::Object(o) = &mut request {
-                    // The candidate should see what the target saw.
-                    o.insert("n_probs".into(), Value::from(self.config.n_probs));
-                }
                 Some((
                     Capture::new(
                         endpoint,
-                        request,
+                        // The candidate rebuilds the prompt from what the target saw.
+                        Value::Object(sent_request),
                         kind == BodyKind::Sse,
                         self.config.max_capture_tokens,
                     )
@@ -224,7 +220,6 @@ impl Proxy {
             }
             None => None,
         };
-        let edit = prepared.edit;
         let (mut parts, body) = resp.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         if edit != ResponseEdit::None {

@@ -240,9 +240,12 @@ function drawBuckets(box, buckets, opts) {
     if (b.err > 0) s.appendChild(svg("line", { class: "err", x1: cx, x2: cx, y1: Y(b.mean - b.err), y2: Y(b.mean + b.err) }));
     if (x2 - x1 >= 14) s.appendChild(svg("text", { class: "count", x: cx, y: M.t - 3, "text-anchor": "middle" }, countFmt(b.n)));
   });
-  const ticks = 5;
+  const ticks = 4;
+  let last = null;
   for (let i = 0; i <= ticks; i++) {
     const v = lo + ((hi - lo) * i) / ticks;
+    if (opts.label(v) === last) continue;
+    last = opts.label(v);
     s.appendChild(svg("text", { x: X(v), y: H - M.b + 14, "text-anchor": i === 0 ? "start" : i === ticks ? "end" : "middle" }, opts.label(v)));
   }
   s.appendChild(svg("text", { x: W - M.r, y: H - 4, "text-anchor": "end" }, opts.axis));
@@ -467,8 +470,8 @@ function showPosition(i) {
     wrap.appendChild(table);
     return wrap;
   };
-  side.appendChild(list("main top-" + (p.main_top || []).length, p.main_top, "main"));
-  side.appendChild(list("candidate top-" + (p.candidate_top || []).length, p.candidate_top, "cand"));
+  side.appendChild(list("main", p.main_top, "main"));
+  side.appendChild(list("candidate", p.candidate_top, "cand"));
   pos.appendChild(side);
 }
 
