@@ -62,4 +62,16 @@ for q in Q8_0 Q2_K; do
   fi
 done
 
+# Headless Chromium and its driver for the dashboard's end-to-end test (Debian packages).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    step "apt-get install chromium chromium-driver"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "[setup] warning: no apt-get: install chromium and chromedriver for the dashboard test" >&2
+  fi
+fi
+
 step "ready: $CACHE"

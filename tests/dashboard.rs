@@ -114,7 +114,7 @@ impl Browser {
             "--disable-sync",
             "--disable-dev-shm-usage",
             "--hide-scrollbars",
-            "--window-size=1280,2600",
+            "--window-size=1280,1450",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -701,7 +701,7 @@ async fn the_dashboard_shows_a_real_run() {
         wide.as_u64().unwrap() <= 400,
         "no horizontal scrolling at phone width: {wide}"
     );
-    browser.resize(1280, 2600).await;
+    browser.resize(1280, 1450).await;
 
     // Live: one more comparison shows up without a reload.
     browser.js("window.__same_page = 1;", json!([])).await;

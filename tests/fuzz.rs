@@ -575,17 +575,17 @@ fn a_huge_json_answer_is_not_held_without_bound() {
 /// Streams 48 MiB of fresh 64 KiB frames through a capturing `TeeBody`, dropping each frame as
 /// the client would; returns how much this process's RSS grew while the body was alive.
 fn held_after_streaming(kind: BodyKind, edit: ResponseEdit) -> u64 {
-    let mut h = Harness::new();
+    let h = Harness::new();
     let queue = h.workers.queue();
     let pid = std::process::id();
     let grown = h.rt.block_on(async move {
         let frames =
             (0..768).map(|_| Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; 64 << 10]))));
-        let mut first = vec![Ok(Frame::data(Bytes::from_static(
-            b"data: {\"choices\": [",
-        )))];
-        first.extend(frames);
-        let body = StreamBody::new(futures_util::stream::iter(first));
+        // Lazily: each frame is allocated only when the tee asks for it.
+        let first = Ok(Frame::data(Bytes::from_static(b"data: {\"choices\": [")));
+        let body = StreamBody::new(futures_util::stream::iter(
+            std::iter::once(first).chain(frames),
+        ));
         let capture = Capture::new(Endpoint::ChatCompletions, json!({}), true, 8192);
         let mut tee = TeeBody::new(
             body,

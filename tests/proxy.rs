@@ -694,7 +694,7 @@ async fn a_stream_that_asked_for_logprobs_gets_what_it_asked_for() {
             .flatten()
             .map(|e| e["top_logprobs"].as_array().unwrap().len())
             .collect();
-        assert!(!tops.is_empty());
+        assert!(!tops.is_empty(), "asked {asked}: {text}");
         assert!(tops.iter().all(|&n| n == expect), "asked {asked}: {tops:?}");
         let outcome = next_outcome(&mut outcomes).await;
         assert!(outcome

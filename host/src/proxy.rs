@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
+use http_body::Body as _;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -58,7 +59,9 @@ impl Proxy {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            // Below the 5 s keep-alive of llama-server's HTTP library, so that the pool
+            // rarely hands out a connection the target is about to close.
+            .pool_idle_timeout(Duration::from_secs(4))
             .build(connector);
         let authority = config
             .target_host
@@ -102,21 +105,54 @@ impl Proxy {
 
     /// Plain forwarding: the body streams through untouched.
     async fn forward(&self, req: Request<ProxyBody>) -> Result<Response<ProxyBody>, ProxyError> {
-        let resp = self.send(req).await?;
+        let (parts, body) = req.into_parts();
+        // A request without a body can be sent again if a pooled connection was closed
+        // under it; a streaming body cannot.
+        let body = if body.is_end_stream() {
+            OutBody::Buffered(Bytes::new())
+        } else {
+            OutBody::Streaming(body)
+        };
+        let resp = self.send(parts, body).await?;
         Ok(passthrough_response(resp))
     }
 
     /// Sends a request to the target, with the target's URI and `Host` and hop-by-hop
-    /// headers removed.
-    async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
-        let (mut parts, body) = req.into_parts();
+    /// headers removed. A buffered request whose pooled connection turns out to have been
+    /// closed by the target before any answer (a keep-alive race) is sent once more on a
+    /// fresh connection.
+    async fn send(
+        &self,
+        mut parts: http::request::Parts,
+        body: OutBody,
+    ) -> Result<Response<Incoming>, ProxyError> {
         parts.uri = self.target_uri(&parts.uri)?;
         remove_hop_by_hop(&mut parts.headers);
         parts
             .headers
             .insert(header::HOST, self.target_host_header.clone());
         parts.version = http::Version::HTTP_11;
-        let fut = self.client.request(Request::from_parts(parts, body));
+        let (first, retry) = match body {
+            OutBody::Buffered(bytes) => {
+                let again = Request::from_parts(parts.clone(), full(bytes.clone()));
+                (Request::from_parts(parts, full(bytes)), Some(again))
+            }
+            OutBody::Streaming(b) => (Request::from_parts(parts, b), None),
+        };
+        match self.send_once(first).await {
+            Err(ProxyError::TargetUnreachable(m)) if retry.is_some() && is_stale(&m) => {
+                tracing::debug!(error = %m, "target closed a pooled connection; sending again");
+                match retry {
+                    Some(req) => self.send_once(req).await,
+                    None => Err(ProxyError::TargetUnreachable(m)),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn send_once(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, ProxyError> {
+        let fut = self.client.request(req);
         let result = match self.config.target_timeout {
             Some(t) => tokio::time::timeout(t, fut)
                 .await
@@ -166,8 +202,8 @@ impl Proxy {
         };
         let Ok(obj) = serde_json::from_slice::<Map<String, Value>>(&bytes) else {
             // Not a JSON object: the target answers it; nothing is captured.
-            let body = Full::new(bytes).map_err(|e| match e {}).boxed_unsync();
-            return self.forward(Request::from_parts(parts, body)).await;
+            let resp = self.send(parts, OutBody::Buffered(bytes)).await?;
+            return Ok(passthrough_response(resp));
         };
         let client_auth = self
             .config
@@ -190,11 +226,10 @@ impl Proxy {
         );
         // The answer is read by the capture, so it must not be compressed.
         parts.headers.remove(header::ACCEPT_ENCODING);
-        let body = Full::new(Bytes::from(new_body))
-            .map_err(|e| match e {})
-            .boxed_unsync();
         let (sent_request, edit) = (prepared.body, prepared.edit);
-        let resp = self.send(Request::from_parts(parts, body)).await?;
+        let resp = self
+            .send(parts, OutBody::Buffered(Bytes::from(new_body)))
+            .await?;
 
         let kind = match content_type(resp.headers()) {
             Some(ct) if ct.starts_with("text/event-stream") => Some(BodyKind::Sse),
@@ -204,22 +239,17 @@ impl Proxy {
         let Some(kind) = kind.filter(|_| resp.status().is_success()) else {
             return Ok(passthrough_response(resp));
         };
-        let capture = match &self.queue {
-            Some(q) => {
-                Some((
-                    Capture::new(
-                        endpoint,
-                        // The candidate rebuilds the prompt from what the target saw.
-                        Value::Object(sent_request),
-                        kind == BodyKind::Sse,
-                        self.config.max_capture_tokens,
-                    )
-                    .with_client_authorization(client_auth),
-                    q.clone(),
-                ))
-            }
-            None => None,
-        };
+        let capture = self.queue.as_ref().map(|q| {
+            let capture = Capture::new(
+                endpoint,
+                // The candidate rebuilds the prompt from what the target saw.
+                Value::Object(sent_request),
+                kind == BodyKind::Sse,
+                self.config.max_capture_tokens,
+            )
+            .with_client_authorization(client_auth);
+            (capture, q.clone())
+        });
         let (mut parts, body) = resp.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         if edit != ResponseEdit::None {
@@ -230,6 +260,24 @@ impl Proxy {
             .boxed_unsync();
         Ok(Response::from_parts(parts, body))
     }
+}
+
+/// A request body on its way to the target.
+enum OutBody {
+    /// Held in memory (a scored request, or none at all): can be sent again.
+    Buffered(Bytes),
+    /// Streamed from the client as it arrives: sent once.
+    Streaming(ProxyBody),
+}
+
+fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
+}
+
+/// hyper's words for a pooled connection the peer closed before answering.
+fn is_stale(message: &str) -> bool {
+    message.contains("connection closed before message completed")
+        || message.contains("connection reset")
 }
 
 fn content_type(h: &HeaderMap) -> Option<&str> {
