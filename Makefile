@@ -5,12 +5,13 @@
 #   make test    every test, against real llama-servers
 #   make demo    two llama-servers, the proxy, the bundled prompts, the summary
 #   make lint    rustfmt and clippy, warnings as errors
+#   make fuzz    the proptest fuzzers with many cases, bounded in time (FUZZ_CASES, FUZZ_SECONDS)
 
 KLPROXY_CACHE ?= $(HOME)/.cache/kl-proxy
 export KLPROXY_CACHE
 CARGO ?= cargo
 
-.PHONY: all setup plugins build test lint demo bench clean
+.PHONY: all setup plugins build test lint demo bench clean fuzz
 
 all: build plugins
 
@@ -25,6 +26,14 @@ build:
 
 test: setup plugins
 	$(CARGO) test --workspace --all-targets -- --test-threads=2
+
+# Stable Rust has no cargo-fuzz: the fuzzers are proptest properties (tests/fuzz.rs). Failing
+# inputs persist to tests/fuzz-corpus/fuzz.proptest-regressions and are replayed first.
+FUZZ_CASES ?= 5000
+FUZZ_SECONDS ?= 900
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) timeout --signal=INT $(FUZZ_SECONDS) \
+		$(CARGO) test -p kl-proxy --test fuzz -- --test-threads=2
 
 lint:
 	$(CARGO) fmt --all -- --check

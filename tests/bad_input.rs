@@ -89,13 +89,20 @@ async fn unusable_request_bodies_are_answered_and_not_compared() {
             "{what}: direct {d_status}, via the proxy {v_status}: {}",
             String::from_utf8_lossy(&v_body[..v_body.len().min(160)])
         );
-        assert_eq!(v_status, d_status, "{what}: the client gets the target's status");
+        assert_eq!(
+            v_status, d_status,
+            "{what}: the client gets the target's status"
+        );
         if v_status.is_success() {
             // Answered (llama-server accepts some of these): the answer is a chat answer.
             let _: Value = serde_json::from_slice(&v_body).expect("a JSON answer");
         }
     }
-    assert_eq!(offered(&proxy), 0, "nothing unusable offered for comparison");
+    assert_eq!(
+        offered(&proxy),
+        0,
+        "nothing unusable offered for comparison"
+    );
 
     // `n_probs` of the wrong type: the proxy's own value replaces it, the answer is compared.
     let r = http
@@ -108,7 +115,10 @@ async fn unusable_request_bodies_are_answered_and_not_compared() {
     let answer: Value = r.json().await.unwrap();
     eprintln!("n_probs a string: via the proxy {status}");
     assert!(status.is_success(), "{answer}");
-    assert!(answer["choices"][0]["logprobs"].is_null(), "stripped: {answer}");
+    assert!(
+        answer["choices"][0]["logprobs"].is_null(),
+        "stripped: {answer}"
+    );
 
     // Too large: 413 with a declared length, and without one (chunked upload).
     let huge = vec![b'x'; 200 << 10];
@@ -116,15 +126,21 @@ async fn unusable_request_bodies_are_answered_and_not_compared() {
     assert_eq!(r.status(), 413);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "body_too_large");
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = huge.chunks(8192).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        huge.chunks(8192).map(|c| Ok(c.to_vec())).collect();
     let r = http
         .post(&via)
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 413, "a chunked body past the limit");
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["type"],
+        "invalid_request_error"
+    );
 
     // The proxy still serves, and compares, a valid request.
     let r = http
@@ -135,7 +151,11 @@ async fn unusable_request_bodies_are_answered_and_not_compared() {
         .unwrap();
     assert!(r.status().is_success());
     let _ = r.bytes().await.unwrap();
-    assert_eq!(offered(&proxy), 2, "the n_probs-string request and the valid one");
+    assert_eq!(
+        offered(&proxy),
+        2,
+        "the n_probs-string request and the valid one"
+    );
     proxy.shutdown().await.unwrap();
 }
 
@@ -190,7 +210,10 @@ async fn a_request_with_tools_is_forwarded_and_compared_or_cleanly_failed() {
             r.aligned().count()
         ),
         Err(f) => {
-            eprintln!("tools: comparison failed cleanly: {} ({})", f.reason, f.message);
+            eprintln!(
+                "tools: comparison failed cleanly: {} ({})",
+                f.reason, f.message
+            );
             assert!(["prompt_mismatch", "unsupported", "bad_answer"].contains(&f.reason));
         }
     }
@@ -206,18 +229,58 @@ async fn answers_with_missing_or_extra_fields() {
     let entry = json!({"id": 5, "token": "a", "bytes": [97], "logprob": -0.1,
         "top_logprobs": [{"id": 5, "token": "a", "bytes": [97], "logprob": -0.1}]});
     let answers: Vec<(&str, u16, Value, bool)> = vec![
-        ("no logprobs", 200, json!({"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "a"}}]}), false),
-        ("logprobs null", 200, json!({"choices": [{"index": 0, "finish_reason": "stop", "logprobs": null, "message": {"content": "a"}}]}), false),
-        ("no finish_reason", 200, json!({"choices": [{"index": 0, "logprobs": {"content": [entry]}, "message": {"content": "a"}}]}), false),
-        ("two choices", 200, json!({"choices": [
+        (
+            "no logprobs",
+            200,
+            json!({"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "a"}}]}),
+            false,
+        ),
+        (
+            "logprobs null",
+            200,
+            json!({"choices": [{"index": 0, "finish_reason": "stop", "logprobs": null, "message": {"content": "a"}}]}),
+            false,
+        ),
+        (
+            "no finish_reason",
+            200,
+            json!({"choices": [{"index": 0, "logprobs": {"content": [entry]}, "message": {"content": "a"}}]}),
+            false,
+        ),
+        (
+            "two choices",
+            200,
+            json!({"choices": [
             {"index": 0, "finish_reason": "stop", "logprobs": {"content": [entry]}},
-            {"index": 1, "finish_reason": "stop", "logprobs": {"content": [entry]}}]}), false),
-        ("entry without id", 200, json!({"choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": [{"token": "a", "logprob": -0.1}]}}]}), false),
-        ("choices not a list", 200, json!({"choices": {"index": 0}}), false),
-        ("an error status", 500, json!({"error": {"message": "boom"}}), false),
-        ("extra fields everywhere", 200, json!({"x_vendor": {"a": [1, 2]}, "choices": [{"index": 0, "finish_reason": "stop", "extra": true,
+            {"index": 1, "finish_reason": "stop", "logprobs": {"content": [entry]}}]}),
+            false,
+        ),
+        (
+            "entry without id",
+            200,
+            json!({"choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": [{"token": "a", "logprob": -0.1}]}}]}),
+            false,
+        ),
+        (
+            "choices not a list",
+            200,
+            json!({"choices": {"index": 0}}),
+            false,
+        ),
+        (
+            "an error status",
+            500,
+            json!({"error": {"message": "boom"}}),
+            false,
+        ),
+        (
+            "extra fields everywhere",
+            200,
+            json!({"x_vendor": {"a": [1, 2]}, "choices": [{"index": 0, "finish_reason": "stop", "extra": true,
             "logprobs": {"content": [entry], "refusal": null}, "message": {"content": "a", "reasoning_content": "hmm"}}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "weird": "yes"}}), true),
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "weird": "yes"}}),
+            true,
+        ),
     ];
     let answers = std::sync::Arc::new(answers);
     let served = answers.clone();
@@ -272,17 +335,37 @@ fn partial_utf8_token_bytes_are_kept_exact() {
     let mut c = Capture::new(Endpoint::Completion, json!({}), true, 8192);
     let mut sent: Vec<Vec<u8>> = Vec::new();
     for line in body.split(|b| *b == b'\n') {
-        let Some(p) = line.strip_prefix(b"data: ") else { continue };
+        let Some(p) = line.strip_prefix(b"data: ") else {
+            continue;
+        };
         let o: Map<String, Value> = serde_json::from_slice(p).unwrap();
-        for e in o.get("completion_probabilities").and_then(Value::as_array).into_iter().flatten() {
-            sent.push(e["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect());
+        for e in o
+            .get("completion_probabilities")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            sent.push(
+                e["bytes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8)
+                    .collect(),
+            );
         }
         c.observe(&o);
     }
     let main = c.finish().expect("captured");
-    let got: Vec<Vec<u8>> = main.tokens.iter().map(|t| t.bytes.clone().unwrap()).collect();
+    let got: Vec<Vec<u8>> = main
+        .tokens
+        .iter()
+        .map(|t| t.bytes.clone().unwrap())
+        .collect();
     assert_eq!(got, sent);
-    assert!(got.iter().any(|b| std::str::from_utf8(b).is_err() || b.len() > 1 && b[0] >= 0xf0));
+    assert!(got
+        .iter()
+        .any(|b| std::str::from_utf8(b).is_err() || b.len() > 1 && b[0] >= 0xf0));
 }
 
 /// llama-server (b-version in the cache) reports one logprobs entry per complete UTF-8
@@ -295,7 +378,10 @@ fn an_answer_with_merged_multi_token_characters_is_not_compared() {
     let body = corpus("chat.json");
     let v: Value = serde_json::from_slice(&body).unwrap();
     let generated = v["usage"]["completion_tokens"].as_u64().unwrap();
-    let entries = v["choices"][0]["logprobs"]["content"].as_array().unwrap().len() as u64;
+    let entries = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .len() as u64;
     assert_eq!((generated, entries), (10, 3), "the recorded evidence");
     let main = parse_json_response(Endpoint::ChatCompletions, json!({}), &body);
     if let Some(m) = main {
@@ -311,29 +397,48 @@ fn an_answer_with_merged_multi_token_characters_is_not_compared() {
 /// of the wrong type: refused, and the message names the key.
 #[test]
 fn a_config_with_each_key_wrong_names_the_key() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config.yaml")).unwrap();
     let mut keys: Vec<String> = text
         .lines()
         .filter_map(|l| {
             let l = l.strip_prefix("# ").unwrap_or(l);
             let (k, _) = l.split_once(':')?;
-            (!k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')).then(|| k.to_owned())
+            (!k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                .then(|| k.to_owned())
         })
         .collect();
     keys.dedup();
     assert!(keys.len() >= 20, "{keys:?}");
-    for k in ["store.path", "store.keep_text", "store.max_age", "store.max_rows", "admin.listen", "admin.token",
-        "histogram_buckets", "plugins.name", "plugins.path"] {
+    for k in [
+        "store.path",
+        "store.keep_text",
+        "store.max_age",
+        "store.max_rows",
+        "admin.listen",
+        "admin.token",
+        "histogram_buckets",
+        "plugins.name",
+        "plugins.path",
+    ] {
         keys.push(k.to_owned());
     }
     let wrong_values = ["[[1]]", "{bad: {nested: [1]}}"];
     let mut checked = 0;
     for key in &keys {
         for wrong in wrong_values {
-            let base = if key == "target_host" { "" } else { "target_host: http://127.0.0.1:1\n" };
+            let base = if key == "target_host" {
+                ""
+            } else {
+                "target_host: http://127.0.0.1:1\n"
+            };
             let yaml = match key.split_once('.') {
                 Some(("plugins", leaf)) => {
-                    let (name, path) = if leaf == "name" { (wrong, "x.wasm") } else { ("p", wrong) };
+                    let (name, path) = if leaf == "name" {
+                        (wrong, "x.wasm")
+                    } else {
+                        ("p", wrong)
+                    };
                     format!("{base}plugins:\n  - name: {name}\n    path: {path}\n")
                 }
                 Some((parent, leaf)) => format!("{base}{parent}:\n  {leaf}: {wrong}\n"),
@@ -345,9 +450,15 @@ fn a_config_with_each_key_wrong_names_the_key() {
             };
             let leaf = key.rsplit('.').next().unwrap();
             assert!(err.contains("wrong.yaml"), "{key}: {err}");
-            assert!(err.contains(leaf), "the error for `{key}: {wrong}` names the key: {err}");
+            assert!(
+                err.contains(leaf),
+                "the error for `{key}: {wrong}` names the key: {err}"
+            );
             checked += 1;
         }
     }
-    eprintln!("{checked} wrong configs refused, each naming its key ({} keys)", keys.len());
+    eprintln!(
+        "{checked} wrong configs refused, each naming its key ({} keys)",
+        keys.len()
+    );
 }

@@ -157,3 +157,69 @@ async fn editing_the_config_swaps_plugins_without_a_restart() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_merged_inside_a_utf8_character_end_the_compared_span() {
+    // llama-server lists tokens that end inside a UTF-8 character merged into the next entry
+    // (ids missing). This request makes SmolLM2 Q4_1 generate an emoji as three tokens.
+    let main = LlamaServer::start(model("q4_1"));
+    let cand = LlamaServer::start(model("q8_0"));
+    let yaml = format!(
+        "target_host: {}\ncandidate_host: {}\nadmin: {{listen: \"\"}}\nstore: {{path: \"\"}}\n",
+        main.url(),
+        cand.url()
+    );
+    let service = Service::start(
+        Config::from_yaml(&yaml, None).unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut outcomes = service.subscribe().unwrap();
+    let answer: Value = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", service.addr))
+        .json(
+            &json!({"messages": [{"role": "user", "content": "Say hello in French."}],
+            "max_tokens": 24, "temperature": 0.8, "seed": 5}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let o = tokio::time::timeout(Duration::from_secs(60), outcomes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let listed = o.main.tokens.len();
+    let generated = o.main.generated_tokens.unwrap() as usize;
+    assert_eq!(
+        generated,
+        answer["usage"]["completion_tokens"].as_u64().unwrap() as usize
+    );
+    assert!(
+        generated > listed,
+        "premise: this answer has merged entries ({generated} generated, {listed} listed)"
+    );
+    let record = o.record.as_ref().expect("scored");
+    let first_bad = record
+        .positions
+        .iter()
+        .position(|p| p.status != kl_proxy::record::PositionStatus::Aligned)
+        .expect("the merged entry and what follows are not compared");
+    assert!(first_bad > 0, "what precedes it is compared");
+    let merged = &o.main.tokens[first_bad];
+    assert!(
+        !merged.bytes.as_ref().unwrap().is_ascii(),
+        "the cut is at a multi-byte entry"
+    );
+    assert!(record.positions[first_bad..]
+        .iter()
+        .all(|p| p.status == kl_proxy::record::PositionStatus::Unaligned));
+    assert_eq!(
+        record.candidate_requests, 1,
+        "forcing the exact prefix works in one request"
+    );
+    service.shutdown().await.unwrap();
+}

@@ -501,6 +501,7 @@ async fn a_candidate_that_is_down_is_reported_as_such() {
         tokens: Vec::new(),
         finish_reason: Some("stop".into()),
         streamed: false,
+        generated_tokens: None,
         client_authorization: None,
     };
     let e = scorer.score(&main).await.unwrap_err();

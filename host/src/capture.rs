@@ -91,6 +91,7 @@ impl Capture {
                 tokens: Vec::new(),
                 finish_reason: None,
                 streamed,
+                generated_tokens: None,
                 client_authorization: None,
             },
             max_tokens,
@@ -131,6 +132,15 @@ impl Capture {
             if let Some(evaluated) = n("prompt_n") {
                 self.response.prompt_tokens = Some((evaluated + n("cache_n").unwrap_or(0)) as u32);
             }
+        }
+        let generated = obj
+            .get("usage")
+            .and_then(|u| u.get("completion_tokens"))
+            .or_else(|| obj.get("timings").and_then(|t| t.get("predicted_n")))
+            .or_else(|| obj.get("tokens_predicted"))
+            .and_then(Value::as_u64);
+        if let Some(n) = generated {
+            self.response.generated_tokens = Some(n as u32);
         }
         match self.response.endpoint {
             Endpoint::Completion => {

@@ -89,6 +89,11 @@ pub struct MainResponse {
     pub finish_reason: Option<String>,
     /// Whether the response came as an SSE stream.
     pub streamed: bool,
+    /// Tokens the target says it generated (`usage.completion_tokens`, `timings.predicted_n`,
+    /// `tokens_predicted`). More than `tokens.len()` means llama-server merged the entries of
+    /// tokens that end inside a UTF-8 character into the next one: ids are missing there.
+    #[serde(default)]
+    pub generated_tokens: Option<u32>,
     /// The client's `Authorization`, kept only with `forward_client_auth_to_candidate: true`
     /// (never serialised, never printed).
     #[serde(skip)]

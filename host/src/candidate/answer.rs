@@ -167,7 +167,10 @@ pub(crate) fn parse_completion(v: &Value) -> Result<Completion, String> {
     // `tokens` (return_tokens) must agree with the probabilities when both are there.
     if let Some(Value::Array(tokens)) = v.get("tokens") {
         let ids: Vec<Option<i64>> = tokens.iter().map(Value::as_i64).collect();
-        let same = ids.len() == steps.len()
+        // llama-server may list one more id than probabilities when generation ends on an
+        // end-of-generation token (seen with a Q2_K candidate stopping mid-chunk): the steps
+        // with probabilities are what is scored, so they must agree on the common prefix.
+        let same = ids.len().abs_diff(steps.len()) <= 1
             && ids
                 .iter()
                 .zip(&steps)

@@ -88,6 +88,9 @@ pub(crate) async fn run(
 /// Whether the main response ends on an end-of-generation token: its last token has no text
 /// (llama-server renders EOS/EOT as "") and generation stopped.
 fn ends_with_eog(work: &Work<'_>) -> bool {
+    if work.cut.is_some() {
+        return false;
+    }
     let Some(last) = work.main.tokens.last() else {
         return false;
     };

@@ -14,6 +14,7 @@ mod answer;
 mod chat;
 mod chunked;
 mod forced;
+mod merged;
 mod prompt;
 
 use std::collections::BTreeMap;
@@ -193,7 +194,18 @@ impl CandidateScorer {
                         });
                     }
                 }
-                if report.strategy == Strategy::Forced {
+                if let Some(k) = merged::first_merged(&self.upstream, main).await? {
+                    tracing::debug!(
+                        position = k,
+                        of = main.tokens.len(),
+                        "the main's token list skips ids inside a UTF-8 character here; \
+                         positions from it on are not compared"
+                    );
+                    work.cut_at(k);
+                }
+                if work.len() == 0 {
+                    // Nothing left that can be compared.
+                } else if report.strategy == Strategy::Forced {
                     forced::run(self, &mut work, &prompt).await?;
                 } else {
                     chunked::run(self, &mut work, &prompt, 0).await?;
@@ -428,6 +440,9 @@ struct Work<'a> {
     by_chunked: usize,
     /// Candidate token texts seen (main texts take precedence in the record).
     texts: BTreeMap<i32, String>,
+    /// Where the main's reported tokens stop being the tokens it generated (see
+    /// [`merged`]): only positions before it are scored; the rest are `Unaligned`.
+    cut: Option<usize>,
 }
 
 impl<'a> Work<'a> {
@@ -441,7 +456,15 @@ impl<'a> Work<'a> {
             by_forced: 0,
             by_chunked: 0,
             texts: BTreeMap::new(),
+            cut: None,
         }
+    }
+
+    /// Scores only the first `k` positions; the rest are marked `Unaligned`.
+    fn cut_at(&mut self, k: usize) {
+        self.ids.truncate(k);
+        self.slots.truncate(k);
+        self.cut = Some(k);
     }
 
     fn len(&self) -> usize {
@@ -514,14 +537,18 @@ impl<'a> Work<'a> {
         for t in &main.tokens {
             texts.insert(t.id, t.text.clone());
         }
+        let mut slots = self.slots.into_iter();
+        let cut = self.cut;
         let positions = main
             .tokens
             .iter()
-            .zip(self.slots)
             .enumerate()
-            .map(|(i, (t, slot))| {
+            .map(|(i, t)| {
+                let slot = slots.next().flatten();
                 let status = if t.is_speculative() {
                     PositionStatus::Speculative
+                } else if cut.is_some_and(|k| i >= k) {
+                    PositionStatus::Unaligned
                 } else {
                     match &slot {
                         Some(s) if s.aligned => PositionStatus::Aligned,
