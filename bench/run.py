@@ -125,6 +125,9 @@ def tail(path, n=3):
         return ""
 
 
+# Every path gets the same Authorization header (LiteLLM needs its master key; the others
+# forward it or ignore it). Local only; also in host/examples/bench.rs.
+MASTER_KEY = "sk-bench-7f3a9c2e51d84b6f0a1e9d3c7b5f2a48"
 CHAT_BODY = json.dumps({"model": "bench", "max_tokens": 64, "messages": [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the capital of France? Answer in a few sentences."}]})
@@ -146,7 +149,14 @@ strip_logprobs: true
 sample_rate: {1.0 if scoring else 0}
 queue_capacity: 256
 candidate_timeout: 2s
+store:
+  path: {name}.db
+admin:
+  listen: 127.0.0.1:{free_port()}
 """)
+    for ext in ("", "-wal", "-shm"):
+        if os.path.exists(os.path.join(OUT, f"{name}.db{ext}")):
+            os.remove(os.path.join(OUT, f"{name}.db{ext}"))
     return path
 
 
@@ -218,6 +228,8 @@ def start_litellm(upstream_port):
       api_key: sk-bench
 litellm_settings:
   telemetry: false
+general_settings:
+  master_key: {MASTER_KEY}
 """)
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
            "LITELLM_LOG": "ERROR", "NO_PROXY": "*", "no_proxy": "*", "HTTP_PROXY": "", "HTTPS_PROXY": ""}
@@ -231,7 +243,8 @@ litellm_settings:
     try:
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
                                      data=CHAT_BODY.encode(),
-                                     headers={"content-type": "application/json"})
+                                     headers={"content-type": "application/json",
+                                              "authorization": f"Bearer {MASTER_KEY}"})
         with urllib.request.urlopen(req, timeout=30) as r:
             json.loads(r.read())
     except Exception as e:
@@ -246,7 +259,8 @@ litellm_settings:
 
 def oha(url, *, conc, seconds, rate=None):
     argv = [OHA, "--no-tui", "--output-format", "json", "-z", f"{seconds}s", "-c", str(conc),
-            "-m", "POST", "-H", "content-type: application/json", "-d", CHAT_BODY, url]
+            "-m", "POST", "-H", "content-type: application/json",
+            "-H", f"authorization: Bearer {MASTER_KEY}", "-d", CHAT_BODY, url]
     if rate:
         argv[1:1] = ["-q", str(rate), "--latency-correction"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
@@ -400,7 +414,8 @@ def candidate_cost(n_prompts):
             with open(cfg, "w") as f:
                 f.write(f"target_host: http://127.0.0.1:{main_port}\n"
                         f"candidate_host: http://127.0.0.1:{cand_port}\n"
-                        f"n_probs: 10\nstrategy: {strategy}\nport: {free_port()}\n")
+                        f"n_probs: 10\nstrategy: {strategy}\nport: {free_port()}\n"
+                        f"store:\n  path: ''\nadmin:\n  listen: 127.0.0.1:{free_port()}\n")
             r = subprocess.run([KLP, "eval", "--config", cfg, "--prompts", subset],
                                capture_output=True, text=True, timeout=600,
                                env={**os.environ, "KLPROXY_LOG": "warn"})

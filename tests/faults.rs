@@ -194,7 +194,6 @@ async fn a_broken_candidate_never_reaches_the_client() {
 /// llama-server answers 503 while it loads its model; a comparison then is `candidate_down`
 /// (it will work once the model is loaded), not `unsupported`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a candidate answering 503 is labelled `unsupported` (candidate/mod.rs probe_token_ids `soft`)"]
 async fn a_loading_candidate_is_candidate_down() {
     let e503 = fault_kit::scripted(|_, _, _| {
         Reply::json(503, json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}))
@@ -221,21 +220,23 @@ impl Candidate {
         let log =
             std::fs::File::create(std::env::temp_dir().join(format!("kl-faults-cand-{port}.log")))
                 .unwrap();
-        let child = Command::new(cache_dir().join("bin/llama-server"))
-            .arg("-m")
-            .arg(model("q8_0"))
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["-c", "4096", "-t", "1", "--no-webui", "-np", "1"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let candidate = Candidate(
+            Command::new(cache_dir().join("bin/llama-server"))
+                .arg("-m")
+                .arg(model("q8_0"))
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["-c", "4096", "-t", "1", "--no-webui", "-np", "1"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(60) {
             if matches!(http_get(addr, "/health"), Ok((200, _))) {
-                return Candidate(child);
+                return candidate;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -472,7 +473,6 @@ async fn a_broken_target_gives_clean_errors_and_no_comparison() {
 /// A target that sends its head and then stalls the body: with `target_timeout` set, the
 /// client is not left waiting forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: target_timeout bounds only the response head; a stalled body hangs the client (proxy.rs send / TeeBody)"]
 async fn a_target_that_stalls_mid_body_is_cut_after_target_timeout() {
     let stalled = fault_kit::raw(|mut s| async move {
         let _ = read_request(&mut s).await;
@@ -570,15 +570,27 @@ impl Proxy {
         )
         .unwrap();
         let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kl-proxy"))
-            .arg("--config")
-            .arg(&config)
-            .env("KLPROXY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        // Other builds on the machine may be relinking the binary this very moment: retry.
+        let mut tries = 0;
+        let child = loop {
+            match Command::new(env!("CARGO_BIN_EXE_kl-proxy"))
+                .arg("--config")
+                .arg(&config)
+                .env("KLPROXY_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log.try_clone().unwrap())
+                .spawn()
+            {
+                Ok(c) => break c,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    eprintln!("spawning kl-proxy: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Err(e) => panic!("spawning kl-proxy: {e}"),
+            }
+        };
         let p = Proxy {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -717,13 +729,16 @@ async fn sigterm_drains_and_sigkill_leaves_a_usable_store() {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..12 {
         let (http, addr) = (http.clone(), proxy.addr);
+        // Requests cut by the kill fail on the client side: that is expected here.
         tasks.spawn(async move {
-            post(
-                &http,
-                addr,
-                &chat_body(&format!("Name {i} animals."), 16, false),
-            )
-            .await
+            let r = http
+                .post(format!("http://{addr}/v1/chat/completions"))
+                .json(&chat_body(&format!("Name {i} animals."), 16, false))
+                .send()
+                .await;
+            if let Ok(r) = r {
+                let _ = r.bytes().await;
+            }
         });
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -792,6 +807,7 @@ async fn soak_keeps_memory_and_fds_flat_and_accounts_for_every_comparison() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
+    let soak_start = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(150);
     let pid = proxy.pid();
     let mut samples = Vec::new();
@@ -806,7 +822,7 @@ async fn soak_keeps_memory_and_fds_flat_and_accounts_for_every_comparison() {
                 post(
                     &http,
                     addr,
-                    &chat_body(&format!("Say {}.", i % 37), 3, i % 3 == 0),
+                    &chat_body(&format!("Say {}.", i % 37), 3, i.is_multiple_of(3)),
                 )
                 .await
                 .0
@@ -816,7 +832,7 @@ async fn soak_keeps_memory_and_fds_flat_and_accounts_for_every_comparison() {
             assert_eq!(s.unwrap(), 200);
         }
         sent += batch;
-        if sent % 20 == 0 {
+        if sent.is_multiple_of(20) {
             samples.push((sent, fault_kit::rss_kib(pid), fault_kit::fd_count(pid)));
         }
     }
@@ -848,7 +864,7 @@ async fn soak_keeps_memory_and_fds_flat_and_accounts_for_every_comparison() {
     eprintln!(
         "soak: {sent} requests in {:?}; comparisons ok {} failed {} dropped {}; stored {stored:?}; \
          RSS {} -> {} KiB (peak first half {rss1}, second half {rss2}); fds {} -> {} (peak {fd1}, {fd2})",
-        deadline.elapsed().saturating_sub(Duration::ZERO),
+        soak_start.elapsed(),
         c.0, c.1, c.2, samples[0].1, samples.last().unwrap().1, samples[0].2, samples.last().unwrap().2
     );
     assert!(

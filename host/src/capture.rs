@@ -244,8 +244,18 @@ pub struct TeeBody<B> {
     pending: BytesMut,
     /// JSON without edit: the frames as they passed (cheap `Bytes` clones, no copy).
     seen: Vec<Bytes>,
+    /// Bytes held in `pending` or `seen`.
+    held: usize,
+    /// Most bytes held for one response; past it the capture is given up and the rest of
+    /// the body passes through as it comes.
+    max_held: usize,
+    /// Past `max_held`: frames pass through untouched, nothing more is read.
+    passthrough: bool,
     done: bool,
 }
+
+/// Default bound on the bytes the tee holds for one response (an SSE line, or a JSON answer).
+pub const DEFAULT_MAX_HELD: usize = 16 << 20;
 
 impl<B> TeeBody<B> {
     pub fn new(
@@ -263,8 +273,41 @@ impl<B> TeeBody<B> {
             capture,
             pending: BytesMut::new(),
             seen: Vec::new(),
+            held: 0,
+            max_held: DEFAULT_MAX_HELD,
+            passthrough: false,
             done: false,
         }
+    }
+
+    /// Bounds the bytes held for this response (`max_capture_bytes`).
+    pub fn with_max_held(mut self, bytes: usize) -> TeeBody<B> {
+        self.max_held = bytes.max(1);
+        self
+    }
+
+    /// Holding `more` bytes would pass the bound: give up the capture, and return what is
+    /// held but not yet sent (an unedited flush) so that the body goes on as it came.
+    fn overflow(&mut self, more: usize) -> Option<Bytes> {
+        if self.held + more <= self.max_held {
+            self.held += more;
+            return None;
+        }
+        tracing::warn!(
+            limit = self.max_held,
+            "response larger than the capture bound: passed through, not compared"
+        );
+        self.capture = None;
+        self.passthrough = true;
+        self.seen.clear();
+        self.held = 0;
+        let unsent = (self.edit != ResponseEdit::None || self.kind == BodyKind::Sse)
+            .then(|| self.pending.split().freeze());
+        // Not editing, an SSE partial line was already sent as it came: only drop it.
+        if self.edit == ResponseEdit::None {
+            return None;
+        }
+        unsent.filter(|b| !b.is_empty())
     }
 
     /// SSE: consumes complete lines from `pending`; returns what to send on (edited lines, or
@@ -312,6 +355,9 @@ impl<B> TeeBody<B> {
     /// End of a clean body: finish the capture, and for an edited JSON answer produce the body.
     fn finish(&mut self) -> Option<Bytes> {
         self.done = true;
+        if self.passthrough {
+            return None;
+        }
         let mut tail = None;
         match self.kind {
             BodyKind::Sse => {
@@ -398,6 +444,32 @@ where
                         Ok(data) => data,
                         Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                     };
+                    if this.passthrough {
+                        return Poll::Ready(Some(Ok(Frame::data(frame))));
+                    }
+                    let holds = match this.kind {
+                        // Only the unfinished line stays; complete lines go at once.
+                        BodyKind::Sse => {
+                            frame.len()
+                                - frame.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)
+                        }
+                        BodyKind::Json => frame.len(),
+                    };
+                    let holds = if this.kind == BodyKind::Sse && holds < frame.len() {
+                        // A newline arrives: what was pending is released.
+                        this.held = 0;
+                        holds
+                    } else {
+                        holds
+                    };
+                    if let Some(unsent) = this.overflow(holds) {
+                        let mut out = BytesMut::from(&unsent[..]);
+                        out.extend_from_slice(&frame);
+                        return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
+                    }
+                    if this.passthrough {
+                        return Poll::Ready(Some(Ok(Frame::data(frame))));
+                    }
                     match this.kind {
                         BodyKind::Sse => match this.process_sse(&frame) {
                             None => return Poll::Ready(Some(Ok(Frame::data(frame)))),

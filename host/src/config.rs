@@ -49,6 +49,7 @@ pub struct RawConfig {
     pub max_body_bytes: Option<serde_yaml::Value>,
     pub max_capture_tokens: Option<usize>,
     pub max_connections: Option<usize>,
+    pub max_capture_bytes: Option<serde_yaml::Value>,
     pub candidate_api_key: Option<String>,
     pub candidate_headers: Option<BTreeMap<String, String>>,
     pub forward_client_auth_to_candidate: Option<bool>,
@@ -254,6 +255,9 @@ pub struct Config {
     pub max_body_bytes: u64,
     /// Longest main response (tokens) captured for comparison; longer ones are not compared.
     pub max_capture_tokens: usize,
+    /// Most bytes the tee holds for one response (an SSE line, a JSON answer); a larger one
+    /// passes through and is not compared.
+    pub max_capture_bytes: usize,
     /// Client connections open at once; more are answered 503.
     pub max_connections: usize,
     /// Bearer token sent to the candidate.
@@ -340,6 +344,7 @@ impl RawConfig {
         let plugin_timeout = duration("plugin_timeout", self.plugin_timeout)?;
         let max_body_bytes = size("max_body_bytes", self.max_body_bytes)?;
         let plugin_memory_limit = size("plugin_memory_limit", self.plugin_memory_limit)?;
+        let max_capture_bytes = size("max_capture_bytes", self.max_capture_bytes)?;
         let base_dir = file
             .and_then(Path::parent)
             .map(Path::to_path_buf)
@@ -529,6 +534,8 @@ impl RawConfig {
             strategy,
             max_body_bytes: max_body_bytes.unwrap_or(16 << 20),
             max_capture_tokens: self.max_capture_tokens.unwrap_or(8192),
+            max_capture_bytes: max_capture_bytes
+                .map_or(crate::capture::DEFAULT_MAX_HELD, |b| b.max(1) as usize),
             max_connections: match self.max_connections {
                 Some(0) => return Err(invalid("max_connections", "must be at least 1".into())),
                 n => n.unwrap_or(10_000),

@@ -7,7 +7,9 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -114,7 +116,7 @@ impl Proxy {
             OutBody::Streaming(body)
         };
         let resp = self.send(parts, body).await?;
-        Ok(passthrough_response(resp))
+        Ok(self.passthrough(resp))
     }
 
     /// Sends a request to the target, with the target's URI and `Host` and hop-by-hop
@@ -162,6 +164,15 @@ impl Proxy {
         result.map_err(|e| ProxyError::TargetUnreachable(error_chain(&e)))
     }
 
+    /// The target's answer as it is, less hop-by-hop headers, its body bounded by
+    /// `target_timeout` between frames.
+    fn passthrough(&self, resp: Response<Incoming>) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        let body = IdleTimeout::new(body, self.config.target_timeout).boxed_unsync();
+        Response::from_parts(parts, body)
+    }
+
     fn target_uri(&self, uri: &Uri) -> Result<Uri, ProxyError> {
         let base = &self.config.target_host;
         let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -203,7 +214,7 @@ impl Proxy {
         let Ok(obj) = serde_json::from_slice::<Map<String, Value>>(&bytes) else {
             // Not a JSON object: the target answers it; nothing is captured.
             let resp = self.send(parts, OutBody::Buffered(bytes)).await?;
-            return Ok(passthrough_response(resp));
+            return Ok(self.passthrough(resp));
         };
         let client_auth = self
             .config
@@ -237,7 +248,7 @@ impl Proxy {
             _ => None,
         };
         let Some(kind) = kind.filter(|_| resp.status().is_success()) else {
-            return Ok(passthrough_response(resp));
+            return Ok(self.passthrough(resp));
         };
         let capture = self.queue.as_ref().map(|q| {
             let capture = Capture::new(
@@ -255,8 +266,9 @@ impl Proxy {
         if edit != ResponseEdit::None {
             parts.headers.remove(header::CONTENT_LENGTH);
         }
+        let body = IdleTimeout::new(body, self.config.target_timeout);
         let body = TeeBody::new(body, kind, endpoint, edit, capture)
-            .map_err(BoxError::from)
+            .with_max_held(self.config.max_capture_bytes)
             .boxed_unsync();
         Ok(Response::from_parts(parts, body))
     }
@@ -284,10 +296,72 @@ fn content_type(h: &HeaderMap) -> Option<&str> {
     h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
 }
 
-fn passthrough_response(resp: Response<Incoming>) -> Response<ProxyBody> {
-    let (mut parts, body) = resp.into_parts();
-    remove_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+/// A response body that fails when no frame arrives within `limit` of the previous one
+/// (`target_timeout`), so that a target stalling mid-body cannot hold the client forever.
+pub struct IdleTimeout<B> {
+    inner: B,
+    limit: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, limit: Option<Duration>) -> IdleTimeout<B> {
+        IdleTimeout {
+            inner,
+            limit,
+            timer: limit.map(|l| Box::pin(tokio::time::sleep(l))),
+        }
+    }
+}
+
+impl<B> http_body::Body for IdleTimeout<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let (Some(timer), Some(limit)) = (this.timer.as_mut(), this.limit) {
+                    timer.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let expired = this
+                    .timer
+                    .as_mut()
+                    .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+                if !expired {
+                    return Poll::Pending;
+                }
+                let limit = this.limit.unwrap_or_default();
+                tracing::warn!(
+                    ?limit,
+                    "target stalled mid-response: cut after target_timeout"
+                );
+                this.timer = None;
+                Poll::Ready(Some(Err(BoxError::from(format!(
+                    "the target sent nothing for {limit:?} (target_timeout)"
+                )))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Removes the headers that belong to one connection, not to the message (RFC 9110 7.6.1).

@@ -294,9 +294,13 @@ impl CandidateScorer {
                     return Ok(id.to_owned());
                 }
             }
-            Err(e @ (UpstreamError::Connect { .. } | UpstreamError::Timeout { .. })) => {
-                return Err(e.into())
-            }
+            Err(
+                e @ (UpstreamError::Connect { .. }
+                | UpstreamError::Timeout { .. }
+                | UpstreamError::Status {
+                    code: 502..=504, ..
+                }),
+            ) => return Err(e.into()),
             Err(_) => {}
         }
         if let Ok(v) = self.upstream.get_json("/props").await {
@@ -319,6 +323,10 @@ impl CandidateScorer {
         let soft = |e: UpstreamError| -> Result<String, ScoreError> {
             match e {
                 UpstreamError::Connect { .. } | UpstreamError::Timeout { .. } => Err(e.into()),
+                // 502-504: down or still loading its model ("Loading model"): retry later.
+                UpstreamError::Status {
+                    code: 502..=504, ..
+                } => Err(e.into()),
                 other => Ok(other.to_string()),
             }
         };
