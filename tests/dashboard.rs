@@ -212,22 +212,6 @@ impl Browser {
         .await;
     }
 
-    /// Makes the window `width` wide and as tall as the page, for a whole-page screenshot.
-    async fn fit(&self, width: u32) {
-        self.resize(width, 1000).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let h = self
-            .js(
-                "window.scrollTo(0, 0); \
-                 return Math.ceil(document.querySelector('footer').getBoundingClientRect().bottom);",
-                json!([]),
-            )
-            .await;
-        let height = h.as_u64().unwrap_or(1000) as u32 + 20;
-        self.resize(width, height.min(8000)).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-
     async fn screenshot(&self, path: &Path) {
         let b64 = self.cmd(reqwest::Method::GET, "/screenshot", None).await;
         let png = base64_decode(b64.as_str().expect("base64 PNG"));
