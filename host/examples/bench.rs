@@ -296,7 +296,10 @@ fn stream_request(t: &Target) -> Request<Full<Bytes>> {
     Request::post(t.path_and_query.as_str())
         .header("host", t.addr.to_string())
         .header("content-type", "application/json")
-        .header("authorization", "Bearer sk-bench-7f3a9c2e51d84b6f0a1e9d3c7b5f2a48")
+        .header(
+            "authorization",
+            "Bearer sk-bench-7f3a9c2e51d84b6f0a1e9d3c7b5f2a48",
+        )
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap()
 }

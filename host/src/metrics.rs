@@ -90,17 +90,6 @@ pub struct Metrics {
     buckets: Vec<f64>,
 }
 
-/// Only these endpoint labels exist, so that arbitrary paths cannot blow up the series count.
-pub fn endpoint_label(method: &http::Method, path: &str) -> &'static str {
-    match (method == http::Method::POST)
-        .then(|| crate::record::Endpoint::from_path(path))
-        .flatten()
-    {
-        Some(e) => e.as_str(),
-        None => "other",
-    }
-}
-
 /// Metric names allow `[a-zA-Z0-9_]`; anything else becomes `_`.
 fn sanitize(s: &str) -> String {
     s.chars()

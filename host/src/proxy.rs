@@ -83,10 +83,11 @@ impl Proxy {
 
     /// Handles one request; never fails (errors become OpenAI-shaped JSON answers).
     pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
-        let label = crate::metrics::endpoint_label(req.method(), req.uri().path());
         let endpoint = (req.method() == Method::POST)
             .then(|| Endpoint::from_path(req.uri().path()))
             .flatten();
+        // Only the scored paths get their own label, so arbitrary paths cannot multiply series.
+        let label = endpoint.map_or("other", Endpoint::as_str);
         // Requests not sampled are forwarded as they are, without `n_probs`.
         let sampled = endpoint.is_some()
             && self.queue.is_some()
