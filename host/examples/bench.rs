@@ -552,42 +552,33 @@ fn make_record(rng: &mut Lcg, positions: usize, n: usize) -> AlignedRecord {
     }
 }
 
-/// plugins/kl-divergence/src/lib.rs, the same arithmetic on the host's own record type.
+/// The plugin's own arithmetic (plugins/kl-divergence/src/math.rs, included as is), run
+/// natively on the host's record type.
+#[path = "../../plugins/kl-divergence/src/math.rs"]
+mod kl_math;
+
+/// The native side of the plugin comparison: the same arithmetic, no Wasm boundary.
 mod native {
+    use super::kl_math::{position_values, Entry, PositionView, Scratch};
     use kl_proxy::record::{AlignedPosition, AlignedRecord, PositionStatus, TopLogprob};
 
-    const Q_FLOOR: f64 = 1e-30;
-    const LN_Q_FLOOR: f64 = -69.07755278982137;
+    impl Entry for TopLogprob {
+        fn id(&self) -> i32 {
+            self.id
+        }
+        fn logprob(&self) -> f32 {
+            self.logprob
+        }
+    }
 
-    #[derive(Clone, Copy)]
-    struct Pair {
-        p: f64,
-        lp: f64,
-        q: f64,
-        lq: f64,
-    }
-    impl Pair {
-        fn new(lp: f64, lq: f64) -> Pair {
-            Pair {
-                p: lp.exp(),
-                lp,
-                q: lq.exp(),
-                lq,
-            }
+    fn view(p: &AlignedPosition) -> PositionView<'_, TopLogprob> {
+        PositionView {
+            main_id: p.main.id,
+            main_logprob: p.main.logprob,
+            main_top: &p.main_top,
+            candidate: p.candidate,
+            candidate_top: &p.candidate_top,
         }
-        fn term(&self) -> f64 {
-            if self.p <= 0.0 {
-                0.0
-            } else {
-                self.p * (self.lp - self.lq.max(LN_Q_FLOOR))
-            }
-        }
-    }
-    #[derive(Default)]
-    struct Scratch {
-        q_top: Vec<f64>,
-        both: Vec<Pair>,
-        p_unknown: Vec<(f64, f64)>,
     }
 
     pub enum Value {
@@ -622,7 +613,7 @@ mod native {
         for p in &c.positions {
             let row = if p.status == PositionStatus::Aligned {
                 compared += 1;
-                position_values(p, &mut scratch)
+                position_values(&view(p), &mut scratch)
             } else {
                 [f64::NAN; 6]
             };
@@ -658,122 +649,6 @@ mod native {
             });
         }
         out
-    }
-
-    fn find(list: &[TopLogprob], id: i32) -> Option<f32> {
-        list.iter().find(|t| t.id == id).map(|t| t.logprob)
-    }
-
-    fn position_values(p: &AlignedPosition, scratch: &mut Scratch) -> [f64; 6] {
-        let main_lp = f64::from(p.main.logprob);
-        let cand_lp = p
-            .candidate
-            .or_else(|| find(&p.candidate_top, p.main.id))
-            .map(f64::from);
-        scratch.q_top.clear();
-        scratch
-            .q_top
-            .extend(p.candidate_top.iter().map(|t| f64::from(t.logprob).exp()));
-        scratch.both.clear();
-        scratch.p_unknown.clear();
-        let mut main_in_s = false;
-        for t in &p.main_top {
-            let lp = f64::from(t.logprob);
-            match p.candidate_top.iter().position(|c| c.id == t.id) {
-                Some(j) => {
-                    let lq = f64::from(p.candidate_top[j].logprob);
-                    scratch.both.push(Pair {
-                        p: lp.exp(),
-                        lp,
-                        q: scratch.q_top[j],
-                        lq,
-                    });
-                    main_in_s |= t.id == p.main.id;
-                }
-                None if t.id == p.main.id && cand_lp.is_some() => {}
-                None => scratch.p_unknown.push((lp.exp(), lp)),
-            }
-        }
-        if !main_in_s {
-            if let Some(lq) = cand_lp {
-                let lp = find(&p.main_top, p.main.id).map_or(main_lp, f64::from);
-                scratch.both.push(Pair::new(lp, lq));
-            }
-        }
-        let kld = kl_lower_bound(&scratch.both);
-        let kld_estimate = kl_estimate(p, cand_lp, scratch);
-        let same_top = match (p.main_top.first(), p.candidate_top.first()) {
-            (Some(a), Some(b)) => f64::from(u8::from(a.id == b.id)),
-            _ => f64::NAN,
-        };
-        let (delta_p, nll_candidate) = match cand_lp {
-            Some(q) => (q.exp() - main_lp.exp(), -q),
-            None => (f64::NAN, f64::NAN),
-        };
-        [
-            kld,
-            kld_estimate,
-            same_top,
-            delta_p,
-            -main_lp,
-            nll_candidate,
-        ]
-    }
-
-    fn rest_term(p: f64, q: f64) -> f64 {
-        if p <= 0.0 {
-            0.0
-        } else {
-            p * (p / q.max(Q_FLOOR)).ln()
-        }
-    }
-
-    fn kl_lower_bound(both: &[Pair]) -> f64 {
-        if both.is_empty() {
-            return f64::NAN;
-        }
-        let (mut sp, mut sq, mut kl) = (0.0, 0.0, 0.0);
-        for pair in both {
-            sp += pair.p;
-            sq += pair.q;
-            kl += pair.term();
-        }
-        let p_r = (1.0 - sp).clamp(0.0, 1.0);
-        let q_r = (1.0 - sq).clamp(0.0, 1.0);
-        (kl + rest_term(p_r, q_r)).max(0.0)
-    }
-
-    fn kl_estimate(p: &AlignedPosition, cand_lp: Option<f64>, s: &Scratch) -> f64 {
-        let Some(&q_min) = s.q_top.last() else {
-            return f64::NAN;
-        };
-        let (mut sp, mut sq, mut kl) = (0.0, 0.0, 0.0);
-        for pair in &s.both {
-            sp += pair.p;
-            sq += pair.q;
-            kl += pair.term();
-        }
-        if !s.p_unknown.is_empty() {
-            let mut q_listed: f64 = s.q_top.iter().sum();
-            if let Some(lq) = cand_lp {
-                if find(&p.candidate_top, p.main.id).is_none() {
-                    q_listed += lq.exp();
-                }
-            }
-            let q_unlisted = (1.0 - q_listed).clamp(0.0, 1.0);
-            let q_each = q_min.min(q_unlisted / s.p_unknown.len() as f64);
-            let lq_each = q_each.max(Q_FLOOR).ln();
-            for &(pp, lp) in &s.p_unknown {
-                sp += pp;
-                sq += q_each;
-                if pp > 0.0 {
-                    kl += pp * (lp - lq_each);
-                }
-            }
-        }
-        let p_r = (1.0 - sp).clamp(0.0, 1.0);
-        let q_r = (1.0 - sq).clamp(0.0, 1.0);
-        (kl + rest_term(p_r, q_r)).max(0.0)
     }
 }
 
