@@ -70,7 +70,7 @@ echo "demo: kl-proxy report"
 "$BIN" report --config "$WORK/config.yaml"
 
 if [ "${KEEP:-0}" = 1 ]; then
-  echo "demo: proxy on http://127.0.0.1:$PROXY_PORT, admin on http://127.0.0.1:${ADMIN_PORT:-8089}/metrics (main http://127.0.0.1:$MAIN_PORT, candidate http://127.0.0.1:$CAND_PORT); Ctrl-C to stop"
+  echo "demo: proxy on http://127.0.0.1:$PROXY_PORT, dashboard on http://127.0.0.1:${ADMIN_PORT:-8089}/ (metrics at /metrics; main http://127.0.0.1:$MAIN_PORT, candidate http://127.0.0.1:$CAND_PORT); Ctrl-C to stop"
   "$BIN" --config "$WORK/config.yaml" &
   pids+=($!)
   wait "${pids[-1]}" || true
