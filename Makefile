@@ -25,7 +25,7 @@ build:
 	$(CARGO) build --release -p kl-proxy
 
 test: setup plugins
-	$(CARGO) test --workspace --all-targets -- --test-threads=2
+	$(CARGO) test --workspace --all-targets --no-fail-fast -- --test-threads=2
 
 # Stable Rust has no cargo-fuzz: the fuzzers are proptest properties (tests/fuzz.rs). Failing
 # inputs persist to tests/fuzz-corpus/fuzz.proptest-regressions and are replayed first.

@@ -17,7 +17,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -201,17 +201,24 @@ impl Proxy {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let (mut parts, mut body) = req.into_parts();
         if declared.is_some_and(|n| n > limit) {
+            drain(&mut body).await;
             return Err(ProxyError::BodyTooLarge(limit));
         }
-        let (mut parts, body) = req.into_parts();
-        let bytes = match Limited::new(body, limit as usize).collect().await {
-            Ok(c) => c.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(ProxyError::BodyTooLarge(limit))
+        let mut bytes = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| ProxyError::BadRequest(format!("reading the body: {e}")))?;
+            if let Some(data) = frame.data_ref() {
+                if (bytes.len() + data.len()) as u64 > limit {
+                    drain(&mut body).await;
+                    return Err(ProxyError::BodyTooLarge(limit));
+                }
+                bytes.extend_from_slice(data);
             }
-            Err(e) => return Err(ProxyError::BadRequest(format!("reading the body: {e}"))),
-        };
+        }
+        let bytes = bytes.freeze();
         let Ok(obj) = serde_json::from_slice::<Map<String, Value>>(&bytes) else {
             // Not a JSON object: the target answers it; nothing is captured.
             let resp = self.send(parts, OutBody::Buffered(bytes)).await?;
@@ -273,6 +280,22 @@ impl Proxy {
             .boxed_unsync();
         Ok(Response::from_parts(parts, body))
     }
+}
+
+/// Reads and discards what is left of a refused request body (bounded in bytes and time), so
+/// that the client, still sending, gets to read the answer instead of a broken pipe.
+async fn drain(body: &mut Incoming) {
+    const MAX_DRAIN: usize = 64 << 20;
+    let discard = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, Bytes::len);
+            if seen > MAX_DRAIN {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), discard).await;
 }
 
 /// A request body on its way to the target.
