@@ -5,8 +5,7 @@
 //! main's token is known where the candidate generated it or listed it in its top-N; elsewhere
 //! it stays `None`.
 
-use super::{CandidateScorer, ScoreError, Slot, Work};
-use crate::record::TopLogprob;
+use super::{CandidateScorer, ScoreError, Work};
 
 /// Scores positions `from..` of `work` with greedy continuations.
 pub(crate) async fn run(
@@ -53,28 +52,12 @@ pub(crate) async fn run(
                 work.check_same_token(pos, step)?;
             }
             work.note_text(step.id, &step.text);
-            for t in &step.top {
-                work.note_text(t.id, &t.text);
-            }
             let candidate = if same {
                 Some(step.logprob)
             } else {
                 step.top.iter().find(|t| t.id == main_id).map(|t| t.logprob)
             };
-            work.slots[pos] = Some(Slot {
-                candidate,
-                top: step
-                    .top
-                    .iter()
-                    .map(|t| TopLogprob {
-                        id: t.id,
-                        logprob: t.logprob,
-                    })
-                    .collect(),
-                pick: Some(step.id),
-                request,
-                aligned: true,
-            });
+            work.fill(pos, step, candidate, Some(step.id), request);
             work.by_chunked += 1;
             advanced += 1;
             if !same {

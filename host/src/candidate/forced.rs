@@ -10,8 +10,7 @@
 //! empty text) is left out of it: once the grammar is complete only end-of-generation tokens
 //! are allowed, and the candidate decodes the EOS position like any other.
 
-use super::{answer::Completion, chunked, CandidateScorer, ScoreError, Slot, Work};
-use crate::record::TopLogprob;
+use super::{answer::Completion, chunked, CandidateScorer, ScoreError, Work};
 
 /// A grammar that accepts exactly `ids`, in order.
 pub(crate) fn grammar(ids: &[i32]) -> String {
@@ -117,24 +116,9 @@ fn take_forced(
             break;
         }
         work.check_same_token(pos, step)?;
-        for t in &step.top {
-            work.note_text(t.id, &t.text);
-        }
-        work.slots[pos] = Some(Slot {
-            candidate: Some(step.logprob),
-            top: step
-                .top
-                .iter()
-                .map(|t| TopLogprob {
-                    id: t.id,
-                    logprob: t.logprob,
-                })
-                .collect(),
-            // The grammar made it emit the main's token: what it would have picked is its argmax.
-            pick: step.top.first().map(|t| t.id),
-            request,
-            aligned: true,
-        });
+        // The grammar made it emit the main's token: what it would have picked is its argmax.
+        let pick = step.top.first().map(|t| t.id);
+        work.fill(pos, step, Some(step.logprob), pick, request);
         work.by_forced += 1;
         matched += 1;
     }

@@ -492,6 +492,35 @@ impl<'a> Work<'a> {
         self.texts.entry(id).or_insert_with(|| text.to_owned());
     }
 
+    /// Records the candidate's answer at aligned position `pos`: its top list (and the texts
+    /// of its tokens), its logprob of the main's token, and what it picked.
+    fn fill(
+        &mut self,
+        pos: usize,
+        step: &answer::IdStep,
+        candidate: Option<f32>,
+        pick: Option<i32>,
+        request: u32,
+    ) {
+        for t in &step.top {
+            self.note_text(t.id, &t.text);
+        }
+        self.slots[pos] = Some(Slot {
+            candidate,
+            top: step
+                .top
+                .iter()
+                .map(|t| TopLogprob {
+                    id: t.id,
+                    logprob: t.logprob,
+                })
+                .collect(),
+            pick,
+            request,
+            aligned: true,
+        });
+    }
+
     /// A request failed at position `pos`. Before anything was covered the comparison fails;
     /// after, an answer the candidate could not give (context full, a refused request) ends
     /// it early and the rest stays `Uncovered`. An unreachable or slow candidate always fails.

@@ -81,36 +81,11 @@ impl Guest for KlDivergence {
 
     fn compare(c: Comparison) -> Result<Vec<Metric>, String> {
         let emit = EMIT.with(|e| e.borrow().clone());
-        let n = c.positions.len();
-        let mut series: [Vec<f64>; 6] = std::array::from_fn(|_| Vec::with_capacity(n));
-        let mut scratch = Scratch::default();
-        let (mut compared, mut kld_sum, mut kld_n, mut same_sum, mut same_n) =
-            (0u32, 0.0, 0u32, 0.0, 0u32);
-        for p in &c.positions {
-            let row = if p.status == PositionStatus::Aligned {
-                compared += 1;
-                position_values(&view(p), &mut scratch)
-            } else {
-                [f64::NAN; 6]
-            };
-            if row[0].is_finite() {
-                kld_sum += row[0];
-                kld_n += 1;
-            }
-            if row[2].is_finite() {
-                same_sum += row[2];
-                same_n += 1;
-            }
-            for (s, v) in series.iter_mut().zip(row) {
-                s.push(v);
-            }
-        }
-        let mean = |sum: f64, n: u32| if n == 0 { f64::NAN } else { sum / f64::from(n) };
-        let scalars = [
-            mean(kld_sum, kld_n),
-            mean(same_sum, same_n),
-            f64::from(compared),
-        ];
+        let (series, scalars) = summarise(
+            c.positions
+                .iter()
+                .map(|p| (p.status == PositionStatus::Aligned).then(|| view(p))),
+        );
 
         let mut out = Vec::new();
         let mut series = series.into_iter();
@@ -133,7 +108,7 @@ impl Guest for KlDivergence {
 
 mod math;
 
-use math::{position_values, Entry, PositionView, Scratch};
+use math::{summarise, Entry, PositionView};
 
 impl Entry for TokenLogprob {
     fn id(&self) -> i32 {

@@ -5,6 +5,48 @@
 /// Smallest probability used in a ratio: keeps a zero (logprob -inf) from producing infinity.
 const Q_FLOOR: f64 = 1e-30;
 
+/// The six per-position series (`kld`, `kld_estimate`, `same_top`, `delta_p`, `nll_main`,
+/// `nll_candidate`; NaN where a position is `None`, i.e. not aligned) and the three scalars
+/// (`kld_mean`, `same_top_rate`, `positions_compared`).
+pub fn summarise<'a, E: Entry + 'a>(
+    positions: impl ExactSizeIterator<Item = Option<PositionView<'a, E>>>,
+) -> ([Vec<f64>; 6], [f64; 3]) {
+    let n = positions.len();
+    let mut series: [Vec<f64>; 6] = std::array::from_fn(|_| Vec::with_capacity(n));
+    let mut scratch = Scratch::default();
+    let (mut compared, mut kld_sum, mut kld_n, mut same_sum, mut same_n) =
+        (0u32, 0.0, 0u32, 0.0, 0u32);
+    for p in positions {
+        let row = match p {
+            Some(view) => {
+                compared += 1;
+                position_values(&view, &mut scratch)
+            }
+            None => [f64::NAN; 6],
+        };
+        if row[0].is_finite() {
+            kld_sum += row[0];
+            kld_n += 1;
+        }
+        if row[2].is_finite() {
+            same_sum += row[2];
+            same_n += 1;
+        }
+        for (s, v) in series.iter_mut().zip(row) {
+            s.push(v);
+        }
+    }
+    let mean = |sum: f64, n: u32| if n == 0 { f64::NAN } else { sum / f64::from(n) };
+    (
+        series,
+        [
+            mean(kld_sum, kld_n),
+            mean(same_sum, same_n),
+            f64::from(compared),
+        ],
+    )
+}
+
 /// Buffers reused from position to position.
 #[derive(Default)]
 pub struct Scratch {
