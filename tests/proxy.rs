@@ -109,19 +109,10 @@ async fn chat_json_is_captured_and_stripped_for_a_client_that_did_not_ask() {
     let main = LlamaServer::start(model("q4_1"));
     let proxy = start_proxy(&main.url(), "").await;
     let mut outcomes = proxy.subscribe().expect("comparisons on");
-    let http = reqwest::Client::new();
     let url = format!("http://{}/v1/chat/completions", proxy.addr);
 
     // 1. The client does not ask for logprobs: it gets none, the capture has them all.
-    let answer: Value = http
-        .post(&url)
-        .json(&chat(json!({})))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = common::post_json(&url, &chat(json!({}))).await;
     assert!(answer["choices"][0]["logprobs"].is_null(), "{answer}");
     let content = answer["choices"][0]["message"]["content"]
         .as_str()
@@ -152,15 +143,8 @@ async fn chat_json_is_captured_and_stripped_for_a_client_that_did_not_ask() {
 
     // 2. The client asks for 3: it gets 3 per token (the same greedy answer), with the ids
     //    the capture holds; the capture still has 10.
-    let asked: Value = http
-        .post(&url)
-        .json(&chat(json!({"logprobs": true, "top_logprobs": 3})))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let asked: Value =
+        common::post_json(&url, &chat(json!({"logprobs": true, "top_logprobs": 3}))).await;
     let entries = asked["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap();
@@ -186,15 +170,8 @@ async fn eos_is_the_last_captured_token_of_a_stopped_answer() {
     let mut outcomes = proxy.subscribe().unwrap();
     let body = json!({"messages": [{"role": "user", "content": "Reply with the single word: yes"}],
         "max_tokens": 64, "temperature": 0.0});
-    let answer: Value = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", proxy.addr))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value =
+        common::post_json(&format!("http://{}/v1/chat/completions", proxy.addr), &body).await;
     assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
     let outcome = next_outcome(&mut outcomes).await;
     let last = outcome.main.tokens.last().unwrap();
@@ -265,15 +242,11 @@ async fn streams_arrive_chunk_by_chunk_and_are_captured_like_json() {
     );
 
     // The same request not streamed gives the same capture.
-    let _: Value = http
-        .post(format!("http://{}/v1/chat/completions", proxy.addr))
-        .json(&chat(json!({"max_tokens": 48})))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let _: Value = common::post_json(
+        &format!("http://{}/v1/chat/completions", proxy.addr),
+        &chat(json!({"max_tokens": 48})),
+    )
+    .await;
     let json_outcome = next_outcome(&mut outcomes).await;
     let ids = |o: &ComparisonOutcome| o.main.tokens.iter().map(|t| t.id).collect::<Vec<_>>();
     assert_eq!(ids(&outcome), ids(&json_outcome));
@@ -286,15 +259,11 @@ async fn native_completion_endpoint_is_captured() {
     let main = LlamaServer::start(model("q4_1"));
     let proxy = start_proxy(&main.url(), "").await;
     let mut outcomes = proxy.subscribe().unwrap();
-    let answer: Value = reqwest::Client::new()
-        .post(format!("http://{}/completion", proxy.addr))
-        .json(&json!({"prompt": "The capital of France is", "n_predict": 12, "temperature": 0.0}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = common::post_json(
+        &format!("http://{}/completion", proxy.addr),
+        &json!({"prompt": "The capital of France is", "n_predict": 12, "temperature": 0.0}),
+    )
+    .await;
     assert!(answer.get("completion_probabilities").is_none(), "stripped");
     let outcome = next_outcome(&mut outcomes).await;
     assert_eq!(outcome.main.tokens.len(), 12);
@@ -459,15 +428,11 @@ async fn legacy_completions_are_captured_and_unsampled_requests_untouched() {
     let main = LlamaServer::start(model("q4_1"));
     let proxy = start_proxy(&main.url(), "").await;
     let mut outcomes = proxy.subscribe().unwrap();
-    let answer: Value = reqwest::Client::new()
-        .post(format!("http://{}/v1/completions", proxy.addr))
-        .json(&json!({"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.0}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = common::post_json(
+        &format!("http://{}/v1/completions", proxy.addr),
+        &json!({"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.0}),
+    )
+    .await;
     assert!(
         answer["choices"][0]["logprobs"].is_null(),
         "stripped: {answer}"
@@ -486,15 +451,11 @@ async fn legacy_completions_are_captured_and_unsampled_requests_untouched() {
     // sample_rate 0: forwarded exactly as sent, no n_probs, nothing captured.
     let proxy = start_proxy(&main.url(), "sample_rate: 0\n").await;
     assert!(proxy.subscribe().is_none());
-    let answer: Value = reqwest::Client::new()
-        .post(format!("http://{}/v1/completions", proxy.addr))
-        .json(&json!({"prompt": "Once upon a time", "max_tokens": 4, "n_probs": 2}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = common::post_json(
+        &format!("http://{}/v1/completions", proxy.addr),
+        &json!({"prompt": "Once upon a time", "max_tokens": 4, "n_probs": 2}),
+    )
+    .await;
     let entries = answer["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap();
